@@ -1,0 +1,257 @@
+"""CLIP: a text Transformer and a ViT image encoder in one embedding space.
+
+Architecture after Radford et al. 2021, "Learning Transferable Visual Models From Natural
+Language Supervision", and OpenAI's published model shapes (B/32, B/16, L/14): pre-LN residual
+blocks with QuickGELU MLPs, a causal text Transformer pooled at the end-of-text token, a ViT with
+a class token pooled after a final LayerNorm, bias-free projections and a learnable temperature.
+Parameter names follow the paper's roles so that published weights map onto them one to one.
+
+Usage: `CLIP(variant="B/16")` or `CLIP(variant="tiny", image_size=32)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EOT_TOKEN = 49407
+
+# Published OpenAI CLIP shapes (clip/model.py build_model and the model card), plus small ones
+# for the shapes dataset and for tests.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "B/32": dict(embed_dim=512, image_size=224, patch_size=32, vision_width=768,
+                 vision_layers=12, vision_heads=12, context_length=77, vocab_size=49408,
+                 text_width=512, text_layers=12, text_heads=8),
+    "B/16": dict(embed_dim=512, image_size=224, patch_size=16, vision_width=768,
+                 vision_layers=12, vision_heads=12, context_length=77, vocab_size=49408,
+                 text_width=512, text_layers=12, text_heads=8),
+    "L/14": dict(embed_dim=768, image_size=224, patch_size=14, vision_width=1024,
+                 vision_layers=24, vision_heads=16, context_length=77, vocab_size=49408,
+                 text_width=768, text_layers=12, text_heads=12),
+    "tiny": dict(embed_dim=128, image_size=32, patch_size=8, vision_width=128,
+                 vision_layers=3, vision_heads=4, context_length=24, vocab_size=49408,
+                 text_width=128, text_layers=3, text_heads=4),
+    "micro": dict(embed_dim=32, image_size=16, patch_size=4, vision_width=32,
+                  vision_layers=1, vision_heads=2, context_length=16, vocab_size=49408,
+                  text_width=32, text_layers=1, text_heads=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> "CLIPConfig":
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown CLIP variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        return cls(**{**VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused q/k/v projection (the layout of CLIP's `in_proj`)."""
+
+    num_heads: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, L, D]
+        b, l, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv",
+                       kernel_init=nn.initializers.normal(d ** -0.5))(x)
+        q, k, v = jnp.split(qkv.reshape(b, l, 3, self.num_heads, head_dim), 3, axis=2)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                           is_causal=self.causal)  # [B, L, H, Dh]
+        return nn.Dense(d, dtype=self.dtype, name="out",
+                        kernel_init=nn.initializers.normal(d ** -0.5))(out.reshape(b, l, d))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+    num_heads: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_1")(x)
+        x = x + MultiHeadAttention(self.num_heads, self.causal, self.dtype, name="attn")(y)
+        y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_2")(x)
+        y = nn.Dense(4 * d, dtype=self.dtype, name="c_fc",
+                     kernel_init=nn.initializers.normal((2 * d) ** -0.5))(y)
+        y = nn.Dense(d, dtype=self.dtype, name="c_proj",
+                     kernel_init=nn.initializers.normal(d ** -0.5))(quick_gelu(y))
+        return x + y
+
+
+class Transformer(nn.Module):
+    num_layers: int
+    num_heads: int
+    causal: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+        for i in range(self.num_layers):
+            x = block(self.num_heads, self.causal, self.dtype, name=f"block_{i}")(x)
+        return x
+
+
+class TextTransformer(nn.Module):
+    """Caption tokens [B, L] -> (text embedding [B, E], token features [B, L, W])."""
+
+    config: CLIPConfig
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.config
+        x = nn.Embed(c.vocab_size, c.text_width, name="token_embedding",
+                     embedding_init=nn.initializers.normal(0.02))(tokens)
+        pos = self.param("positional_embedding", nn.initializers.normal(0.01),
+                         (c.context_length, c.text_width))
+        x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
+        x = Transformer(c.text_layers, c.text_heads, causal=True, remat=self.remat,
+                        dtype=self.dtype, name="transformer")(x)
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final")(x)
+        # Pool at the end-of-text token; truncation keeps it last, so every row has one.
+        eot = jnp.argmax(tokens == EOT_TOKEN, axis=-1)
+        pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+        embed = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",
+                         kernel_init=nn.initializers.normal(c.text_width ** -0.5))(pooled)
+        return embed, x
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, H, W, 3] in [-1, 1] -> (image embedding [B, E], patch features [B, N+1, W])."""
+
+    config: CLIPConfig
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        c = self.config
+        p, w = c.patch_size, c.vision_width
+        x = nn.Conv(w, (p, p), strides=(p, p), use_bias=False, dtype=self.dtype,
+                    name="patch_embedding")(images.astype(self.dtype))
+        b, gh, gw, _ = x.shape
+        x = x.reshape(b, gh * gw, w)
+        cls = self.param("class_embedding", nn.initializers.normal(w ** -0.5), (w,))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1)
+        pos = self.param("positional_embedding", nn.initializers.normal(w ** -0.5),
+                         (gh * gw + 1, w))
+        x = (x + pos).astype(self.dtype)
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_pre")(x)
+        x = Transformer(c.vision_layers, c.vision_heads, remat=self.remat, dtype=self.dtype,
+                        name="transformer")(x)
+        pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_post")(x[:, 0])
+        embed = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
+                         kernel_init=nn.initializers.normal(w ** -0.5))(pooled)
+        return embed, x
+
+
+def l2_normalize(x, eps=1e-6):
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class CLIP(nn.Module):
+    """The two towers. `__call__(images, tokens) -> (image_embed, text_embed, aux)`.
+
+    Embeddings are L2-normalised float32. `aux` holds `logit_scale` (exp of the learned log
+    temperature), `logit_bias` (used by the sigmoid loss) and the unnormalised features.
+    Either input may be None to run one tower only.
+    """
+
+    variant: str = "tiny"
+    image_size: int | None = None
+    context_length: int | None = None
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def config(self) -> CLIPConfig:
+        return CLIPConfig.from_variant(self.variant, image_size=self.image_size,
+                                       context_length=self.context_length)
+
+    def setup(self):
+        c = self.config
+        self.visual = VisionTransformer(c, self.remat, self.dtype)
+        self.text = TextTransformer(c, self.remat, self.dtype)
+        # Initial temperature 0.07 (the paper); the bias -10 is SigLIP's initial value.
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
+        self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), ())
+
+    def encode_image(self, images):
+        embed, features = self.visual(images)
+        return l2_normalize(embed), features
+
+    def encode_text(self, tokens):
+        embed, features = self.text(tokens)
+        return l2_normalize(embed), features
+
+    def __call__(self, images, tokens):
+        # The paper clips the temperature so that logits scale by at most 100.
+        aux = {"logit_scale": jnp.minimum(jnp.exp(self.logit_scale), 100.0),
+               "logit_bias": self.logit_bias}
+        image_embed = text_embed = None
+        if images is not None:
+            image_embed, aux["image_features"] = self.encode_image(images)
+        if tokens is not None:
+            text_embed, aux["text_features"] = self.encode_text(tokens)
+        return image_embed, text_embed, aux
+
+
+def softmax_loss(image_embed, text_embed, logit_scale):
+    """Symmetric InfoNCE over the whole (global) batch: every other pair is a negative.
+
+    Under jit with batch-sharded inputs the [B, B] logits span all devices, so the negatives are
+    the global batch, not one device's slice.
+    """
+    logits = logit_scale * image_embed @ text_embed.T  # [B, B]
+    labels = jnp.arange(logits.shape[0])
+    li = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
+    lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+    return 0.5 * (li.mean() + lt.mean())
+
+
+def sigmoid_loss(image_embed, text_embed, logit_scale, logit_bias):
+    """SigLIP (Zhai et al. 2023): a binary logistic loss on every image-text pair."""
+    logits = logit_scale * image_embed @ text_embed.T + logit_bias
+    signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+
+
+def contrastive_loss(kind: str, image_embed, text_embed, aux):
+    if kind == "softmax":
+        return softmax_loss(image_embed, text_embed, aux["logit_scale"])
+    if kind == "sigmoid":
+        return sigmoid_loss(image_embed, text_embed, aux["logit_scale"], aux["logit_bias"])
+    raise ValueError(f"unknown contrastive loss {kind!r}; valid: softmax, sigmoid")

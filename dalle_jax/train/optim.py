@@ -1,0 +1,33 @@
+"""The one place that builds optimisers: AdamW, warm-up + cosine decay, gradient clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: not on biases, norms, embeddings or the temperature."""
+    def keep(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return leaf.ndim >= 2 and "embedding" not in name
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr`, then cosine decay to `lr * final_lr_fraction`."""
+    warmup = min(int(config.warmup_steps), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.final_lr_fraction)
+
+
+def make_optimizer(config, total_steps: int):
+    """Returns (optax transformation, learning-rate schedule) from an `optim` config block."""
+    schedule = learning_rate_schedule(config, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule

@@ -1,0 +1,110 @@
+"""The sharded trainer: device-count invariance, exact resume, configs, the command line."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dalle_jax import config as config_lib
+from dalle_jax import sharding
+from dalle_jax.train import loop
+from dalle_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "shapes_clip.py")
+TINY = ["model.variant=micro", "data.image_size=16", "data.context_length=20",
+        "data.global_batch=16", "data.num_threads=1", "total_steps=6", "log_every=1",
+        "eval_every=0", "checkpoint_every=3", "progress_bar=False", "optim.warmup_steps=2"]
+
+
+def tiny_config(*overrides):
+    return config_lib.load(CONFIG, TINY + list(overrides))
+
+
+def _one_step(config, workdir):
+    mesh, task, step_fn, state, iterator, ckpt = loop.setup(config, str(workdir))
+    batch = sharding.global_batch(next(iterator), mesh)
+    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, sharding.global_batch(next(iterator), mesh))
+    ckpt.close()
+    return jax.device_get(state.params), jax.device_get(metrics), state
+
+
+@pytest.mark.parametrize("mesh,params", [
+    ("mesh.data=8", "sharding.params=replicate"),
+    ("mesh.fsdp=4", "sharding.params=fsdp"),  # data -1 absorbs the other 2 devices
+])
+def test_sharded_steps_match_one_device(tmp_path, mesh, params):
+    assert jax.device_count() == 8
+    ref_params, ref_metrics, _ = _one_step(
+        tiny_config("mesh.data=1", "mesh.fsdp=1"), tmp_path / "one")
+    got_params, got_metrics, state = _one_step(tiny_config(mesh, params), tmp_path / "eight")
+    leaf = jax.tree.leaves(state.params)[0]
+    assert len(leaf.sharding.device_set) == 8
+    if params.endswith("fsdp"):
+        kernel = state.params["visual"]["transformer"]["block_0"]["c_fc"]["kernel"]
+        assert "fsdp" in str(kernel.sharding.spec)
+        assert kernel.addressable_shards[0].data.size == kernel.size // 4
+    np.testing.assert_allclose(got_metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 got_params, ref_params)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    config = tiny_config()
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    loop.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert int(resumed.step) == int(straight.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+                 jax.device_get(straight.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.opt_state),
+                 jax.device_get(straight.opt_state))
+    lines = open(tmp_path / "resumed" / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 6  # one per step, continued across the restart
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    import optax
+    import jax.numpy as jnp
+
+    def loss_fn(params, batch, rng):
+        err = batch["x"] @ params["w"] - batch["y"]
+        return jnp.mean(err ** 2), {}
+
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 3))), "y": jnp.asarray(rng.normal(size=(8,)))}
+    tx = optax.sgd(0.1)
+    state = state_lib.create({"w": jnp.ones((3,))}, tx, jax.random.PRNGKey(0))
+    one = jax.jit(state_lib.make_train_step(loss_fn, tx, lambda s: 0.1))(state, batch)
+    four = jax.jit(state_lib.make_train_step(loss_fn, tx, lambda s: 0.1,
+                                             grad_accum_steps=4))(state, batch)
+    np.testing.assert_allclose(four[0].params["w"], one[0].params["w"], rtol=1e-6)
+    np.testing.assert_allclose(four[1]["loss"], one[1]["loss"], rtol=1e-6)
+    assert not np.allclose(one[0].params["w"], 1.0)
+
+
+def test_overrides_are_typed_and_unknown_keys_named():
+    config = tiny_config("optim.lr=3e-4", "model.variant=tiny", "sharding.rules=[('x', ())]")
+    assert config.optim.lr == 3e-4 and config.model.variant == "tiny"
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim.lrr'.*optim.lr"):
+        tiny_config("optim.lrr=1")
+    with pytest.raises(config_lib.ConfigError, match="total_steps must be int"):
+        tiny_config("total_steps=many")
+    with pytest.raises(config_lib.ConfigError, match="not key=value"):
+        tiny_config("optim.lr")
+
+
+def test_train_command_reports_bad_key_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", CONFIG,
+         "--workdir", str(tmp_path), "optim.learning_rate=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown config key 'optim.learning_rate'" in lines[0]
+    assert "optim.lr" in lines[0]
+    assert not os.listdir(tmp_path)  # nothing written
