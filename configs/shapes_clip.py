@@ -12,8 +12,11 @@ def get_config():
     c.seed = 0
     c.total_steps = 1200
 
-    c.data = dict(name="shapes", split="train", seed=0, image_size=32, context_length=20,
-                  global_batch=128, num_threads=2)
+    c.data = dict(name="shapes", split="train", seed=0, image_size=32, context_length=16,
+                  global_batch=128, num_threads=2,
+                  # Hard-negative captions per example (NegCLIP): without them a shapes CLIP
+                  # matches on colour and position and learns shape words slowly.
+                  hard_negatives=1)
     c.model = dict(variant="tiny")
     c.loss = "softmax"  # or "sigmoid" (SigLIP)
 

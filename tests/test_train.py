@@ -1,5 +1,6 @@
 """The sharded trainer: device-count invariance, exact resume, configs, the command line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from dalle_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_clip.py")
-TINY = ["model.variant=micro", "data.image_size=16", "data.context_length=20",
+TINY = ["model.variant=micro", "data.image_size=16", "data.context_length=16",
         "data.global_batch=16", "data.num_threads=1", "total_steps=6", "log_every=1",
         "eval_every=0", "checkpoint_every=3", "progress_bar=False", "optim.warmup_steps=2"]
 
@@ -27,8 +28,8 @@ def tiny_config(*overrides):
 def _one_step(config, workdir):
     mesh, task, step_fn, state, iterator, ckpt = loop.setup(config, str(workdir))
     batch = sharding.global_batch(next(iterator), mesh)
-    state, metrics = step_fn(state, batch)
-    state, metrics = step_fn(state, sharding.global_batch(next(iterator), mesh))
+    state, metrics = step_fn(state, batch, task.frozen)
+    state, metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), task.frozen)
     ckpt.close()
     return jax.device_get(state.params), jax.device_get(metrics), state
 
@@ -71,7 +72,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     import optax
     import jax.numpy as jnp
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, frozen):
         err = batch["x"] @ params["w"] - batch["y"]
         return jnp.mean(err ** 2), {}
 
@@ -79,8 +80,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch = {"x": jnp.asarray(rng.normal(size=(8, 3))), "y": jnp.asarray(rng.normal(size=(8,)))}
     tx = optax.sgd(0.1)
     state = state_lib.create({"w": jnp.ones((3,))}, tx, jax.random.PRNGKey(0))
-    one = jax.jit(state_lib.make_train_step(loss_fn, tx, lambda s: 0.1))(state, batch)
-    four = jax.jit(state_lib.make_train_step(loss_fn, tx, lambda s: 0.1,
+    grad_fn = state_lib.value_and_grad_fn(loss_fn)
+    one = jax.jit(state_lib.make_train_step(grad_fn, tx, lambda s: 0.1))(state, batch)
+    four = jax.jit(state_lib.make_train_step(grad_fn, tx, lambda s: 0.1,
                                              grad_accum_steps=4))(state, batch)
     np.testing.assert_allclose(four[0].params["w"], one[0].params["w"], rtol=1e-6)
     np.testing.assert_allclose(four[1]["loss"], one[1]["loss"], rtol=1e-6)
@@ -108,3 +110,24 @@ def test_train_command_reports_bad_key_in_one_line(tmp_path):
     assert len(lines) == 1 and "unknown config key 'optim.learning_rate'" in lines[0]
     assert "optim.lr" in lines[0]
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_train_command_end_to_end_with_zero_shot_eval(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", CONFIG,
+         "--workdir", str(workdir), *TINY, "total_steps=2", "eval_every=2",
+         "eval.num_examples=40"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("loss", "grad_norm", "param_norm", "update_norm", "lr", "images_per_s"):
+        assert np.isfinite(steps[-1][key])
+    evals = [r for r in records if "zero_shot/colour" in r]
+    assert len(evals) == 1
+    for key in ("colour", "shape", "binding_colour_swap", "binding_relation"):
+        assert 0.0 <= evals[0][f"zero_shot/{key}"] <= 1.0
+    assert "zero_shot_held_out/shape" in evals[0]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]

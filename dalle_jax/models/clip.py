@@ -34,8 +34,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  vision_layers=24, vision_heads=16, context_length=77, vocab_size=49408,
                  text_width=768, text_layers=12, text_heads=12),
     "tiny": dict(embed_dim=128, image_size=32, patch_size=8, vision_width=128,
-                 vision_layers=3, vision_heads=4, context_length=24, vocab_size=49408,
-                 text_width=128, text_layers=3, text_heads=4),
+                 vision_layers=3, vision_heads=4, context_length=16, vocab_size=49408,
+                 text_width=128, text_layers=3, text_heads=4, conv_stem=(32, 64)),
     "micro": dict(embed_dim=32, image_size=16, patch_size=4, vision_width=32,
                   vision_layers=1, vision_heads=2, context_length=16, vocab_size=49408,
                   text_width=32, text_layers=1, text_heads=2),
@@ -55,6 +55,8 @@ class CLIPConfig:
     text_width: int
     text_layers: int
     text_heads: int
+    # Channels of stride-2 convolutions before the patch embedding; () is OpenAI's ViT.
+    conv_stem: tuple[int, ...] = ()
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "CLIPConfig":
@@ -159,8 +161,17 @@ class VisionTransformer(nn.Module):
     def __call__(self, images):
         c = self.config
         p, w = c.patch_size, c.vision_width
+        x = images.astype(self.dtype)
+        if c.conv_stem:
+            # Early convolutions (Xiao et al. 2021): stride-2 3x3 convs see the local shape of
+            # small objects that a linear patch embedding learns slowly. The patch embedding
+            # then covers the remaining factor of the patch size.
+            for i, ch in enumerate(c.conv_stem):
+                x = nn.Conv(ch, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"stem_{i}")(x)
+                x = nn.gelu(x)
+            p = p // 2 ** len(c.conv_stem)
         x = nn.Conv(w, (p, p), strides=(p, p), use_bias=False, dtype=self.dtype,
-                    name="patch_embedding")(images.astype(self.dtype))
+                    name="patch_embedding")(x)
         b, gh, gw, _ = x.shape
         x = x.reshape(b, gh * gw, w)
         cls = self.param("class_embedding", nn.initializers.normal(w ** -0.5), (w,))
@@ -229,29 +240,36 @@ class CLIP(nn.Module):
         return image_embed, text_embed, aux
 
 
-def softmax_loss(image_embed, text_embed, logit_scale):
+def softmax_loss(image_embed, text_embed, logit_scale, negative_embed=None):
     """Symmetric InfoNCE over the whole (global) batch: every other pair is a negative.
 
     Under jit with batch-sharded inputs the [B, B] logits span all devices, so the negatives are
-    the global batch, not one device's slice.
+    the global batch, not one device's slice. `negative_embed` [N, E] adds extra captions that
+    every image must rank below its own (NegCLIP's hard negatives); they take no part in the
+    text-to-image direction.
     """
-    logits = logit_scale * image_embed @ text_embed.T  # [B, B]
-    labels = jnp.arange(logits.shape[0])
+    texts = text_embed if negative_embed is None else jnp.concatenate([text_embed, negative_embed])
+    logits = logit_scale * image_embed @ texts.T  # [B, B + N]
+    labels = jnp.arange(image_embed.shape[0])
     li = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-    lt = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+    t2i = logits[:, : text_embed.shape[0]]
+    lt = -jnp.take_along_axis(jax.nn.log_softmax(t2i, axis=0), labels[None, :], 0)
     return 0.5 * (li.mean() + lt.mean())
 
 
-def sigmoid_loss(image_embed, text_embed, logit_scale, logit_bias):
+def sigmoid_loss(image_embed, text_embed, logit_scale, logit_bias, negative_embed=None):
     """SigLIP (Zhai et al. 2023): a binary logistic loss on every image-text pair."""
-    logits = logit_scale * image_embed @ text_embed.T + logit_bias
-    signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
-    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+    b = image_embed.shape[0]
+    texts = text_embed if negative_embed is None else jnp.concatenate([text_embed, negative_embed])
+    logits = logit_scale * image_embed @ texts.T + logit_bias  # [B, B + N]
+    signs = 2.0 * jnp.eye(b, texts.shape[0]) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / b
 
 
-def contrastive_loss(kind: str, image_embed, text_embed, aux):
+def contrastive_loss(kind: str, image_embed, text_embed, aux, negative_embed=None):
     if kind == "softmax":
-        return softmax_loss(image_embed, text_embed, aux["logit_scale"])
+        return softmax_loss(image_embed, text_embed, aux["logit_scale"], negative_embed)
     if kind == "sigmoid":
-        return sigmoid_loss(image_embed, text_embed, aux["logit_scale"], aux["logit_bias"])
+        return sigmoid_loss(image_embed, text_embed, aux["logit_scale"], aux["logit_bias"],
+                            negative_embed)
     raise ValueError(f"unknown contrastive loss {kind!r}; valid: softmax, sigmoid")

@@ -12,6 +12,7 @@ import numpy as np
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.tokenizer import Tokenizer
+from dalle_jax.train import state as state_lib
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 
@@ -35,11 +36,23 @@ class CLIPTask:
         tokens = jnp.zeros((1, c.context_length), jnp.int32)
         return self.model.init(rng, images, tokens)["params"]
 
-    def loss_fn(self, params, batch, rng):
-        del rng  # the contrastive loss is deterministic
+    frozen = {}  # CLIP trains every parameter it uses
+
+    def grad_fn(self, params, batch, rng, frozen):
+        return state_lib.value_and_grad_fn(self.loss_fn)(params, batch, rng, frozen)
+
+    def loss_fn(self, params, batch, rng, frozen):
+        del rng, frozen  # the contrastive loss is deterministic
         image_embed, text_embed, aux = self.model.apply({"params": params}, batch["image"],
                                                         batch["tokens"])
-        loss = clip_lib.contrastive_loss(self.config.loss, image_embed, text_embed, aux)
+        negative_embed = None
+        if "negative_tokens" in batch:
+            tokens = batch["negative_tokens"]
+            negative_embed = self.model.apply({"params": params},
+                                              tokens.reshape(-1, tokens.shape[-1]),
+                                              method=self.model.encode_text)[0]
+        loss = clip_lib.contrastive_loss(self.config.loss, image_embed, text_embed, aux,
+                                         negative_embed)
         return loss, {"logit_scale": aux["logit_scale"]}
 
     def evaluate(self, params) -> dict[str, float]:
@@ -106,8 +119,8 @@ def zero_shot_accuracy(model, params, data_config, num_examples: int) -> dict[st
                 if stated[attribute] is not None:
                     groups.append((attribute, held, i, shapes.caption_variants(caption, attribute)))
         else:
-            groups.append(("binding_colour_swap", held, i, [caption, shapes.swap_colours(caption)]))
-            groups.append(("binding_relation", held, i, [caption, shapes.reverse_relation(caption)]))
+            groups.append(("binding_colour_swap", held, i, shapes.swap_colours(caption)))
+            groups.append(("binding_relation", held, i, shapes.reverse_relation(caption)))
     texts = [c for g in groups for c in g[3]]
     text_embed = embed_texts(model, params, texts, data_config.context_length)
     hits = collections.defaultdict(list)

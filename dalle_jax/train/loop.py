@@ -87,9 +87,9 @@ def setup(config, workdir: str):
     else:
         state = jax.jit(init, out_shardings=shardings)(rng)
     step_fn = jax.jit(
-        state_lib.make_train_step(task.loss_fn, tx, schedule, config.optim.ema_decay,
+        state_lib.make_train_step(task.grad_fn, tx, schedule, config.optim.ema_decay,
                                   config.grad_accum_steps),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,))
     return mesh, task, step_fn, state, iterator, checkpointer
@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     last_time, last_step = time.perf_counter(), start
     for step in range(start, end):
         batch = sharding.global_batch(next(iterator), mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, task.frozen)
         done = step + 1
         if done % config.log_every == 0 or done == end:
             metrics = jax.device_get(metrics)

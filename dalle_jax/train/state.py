@@ -1,8 +1,11 @@
 """Training state as one immutable pytree, and the shared update step around a family's loss.
 
-A family (CLIP, GAN, prior, ...) supplies `loss_fn(params, batch, rng) -> (loss, metrics)`;
-this module turns it into a pure `(state, batch) -> (state, metrics)` step with gradient
-accumulation, the optax update, the EMA of the parameters and health metrics.
+A family (CLIP, GAN, prior, ...) supplies `grad_fn(params, batch, rng, frozen) -> (grads,
+metrics)` (`metrics["loss"]` required; `value_and_grad_fn` adapts a plain loss); this module
+turns it into a pure `(state, batch, frozen) -> (state, metrics)` step with gradient
+accumulation, the optax update, the EMA of the parameters and health metrics. `frozen` holds
+parameters the family uses but does not train (a frozen CLIP, say): an argument, not a closure,
+so they are never baked into the compiled program as constants.
 """
 
 from __future__ import annotations
@@ -37,39 +40,44 @@ def _split_microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+def value_and_grad_fn(loss_fn: Callable) -> Callable:
+    """Adapts `loss_fn(params, batch, rng, frozen) -> (loss, metrics)` to a grad_fn."""
+    def grad_fn(params, batch, rng, frozen):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, rng, frozen)
+        return grads, {**metrics, "loss": loss}
+    return grad_fn
+
+
+def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, ema_decay: float = 0.999,
                     grad_accum_steps: int = 1):
     """Builds the pure step. Jit it with donated state and explicit shardings."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def compute_grads(params, batch, rng):
+    def compute_grads(params, batch, rng, frozen):
         if grad_accum_steps == 1:
-            return grad_fn(params, batch, rng)
+            return grad_fn(params, batch, rng, frozen)
         micro = _split_microbatches(batch, grad_accum_steps)
 
         def body(carry, xs):
             i, mb = xs
-            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return acc, None
+            out = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+            return jax.tree.map(jnp.add, carry, out), None
 
-        (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.zeros(()), m0, g0))
-        (loss, metrics, grads), _ = jax.lax.scan(
-            body, zeros, (jnp.arange(grad_accum_steps), micro))
-        return jax.tree.map(lambda x: x / grad_accum_steps, ((loss, metrics), grads))
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, frozen)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+        return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, metrics), grads = compute_grads(state.params, batch, rng)
+        grads, metrics = compute_grads(state.params, batch, rng, frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                   state.ema_params, params)
         metrics = {
             **metrics,
-            "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),

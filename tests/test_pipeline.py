@@ -1,0 +1,62 @@
+"""The input pipeline: batches, per-host slices, iterator state, hard negatives."""
+
+import numpy as np
+
+from dalle_jax.data import pipeline, shapes
+from dalle_jax.tokenizer import Tokenizer
+
+
+def test_batches_have_the_contracted_form():
+    source = pipeline.ShapesBatches("train", 0, 32, 16, global_batch=8, hard_negatives=2)
+    batch = source[3]
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["tokens"].shape == (8, 16) and batch["tokens"].dtype == np.int32
+    assert batch["negative_tokens"].shape == (8, 2, 16)
+    # Element k holds examples k*B .. k*B+B-1 of the dataset, exactly.
+    images, captions = shapes.examples(range(24, 32), split="train", seed=0, size=32)
+    np.testing.assert_array_equal(pipeline.to_uint8_images(batch["image"]), images)
+    np.testing.assert_array_equal(batch["tokens"], Tokenizer()(captions, context_length=16))
+
+
+def test_hosts_read_disjoint_slices_of_the_same_global_batch():
+    whole = pipeline.ShapesBatches("train", 0, 16, 16, global_batch=8)[5]
+    parts = [pipeline.ShapesBatches("train", 0, 16, 16, global_batch=8, process_index=p,
+                                    process_count=4)[5] for p in range(4)]
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_iterator_state_restores_the_exact_position():
+    dataset = pipeline.make_dataset(_data_config())
+    it = pipeline.make_iterator(dataset, num_threads=2)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["tokens"] for _ in range(2)]
+    fresh = pipeline.make_iterator(dataset, num_threads=2)
+    fresh.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["tokens"], want)
+
+
+def test_hard_negatives_change_exactly_one_thing():
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        caption = shapes.scene(i, "train").caption
+        negative = pipeline.hard_negative(caption, rng)
+        assert negative != caption
+        a, b = shapes.parse_caption(caption), shapes.parse_caption(negative)
+        assert b is not None and len(a.objects) == len(b.objects)
+        assert not any((o.colour, o.shape) in shapes.HELD_OUT for o in b.objects)
+        if len(a.objects) == 1:
+            fields = lambda p: (p.objects[0].colour, p.objects[0].shape, p.objects[0].size,
+                                p.objects[0].position, p.background)
+            assert sum(x != y for x, y in zip(fields(a), fields(b))) == 1
+
+
+def _data_config():
+    import ml_collections
+    return ml_collections.ConfigDict(dict(
+        name="shapes", split="train", seed=0, image_size=16, context_length=16,
+        global_batch=4, num_threads=1, hard_negatives=0))
