@@ -10,7 +10,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.family = "clip"
     c.seed = 0
-    c.total_steps = 1200
+    c.total_steps = 1000
 
     c.data = dict(name="shapes", split="train", seed=0, image_size=32, context_length=16,
                   global_batch=128, num_threads=2,
@@ -32,9 +32,9 @@ def get_config():
     c.sharding = dict(params="replicate", rules=[])
 
     c.log_every = 20
-    c.eval_every = 300
+    c.eval_every = 250
     c.eval = dict(num_examples=600, use_ema=False)
-    c.checkpoint_every = 300
+    c.checkpoint_every = 250
     c.keep_checkpoints = 2
     c.progress_bar = True
     return ml_collections.ConfigDict(c)

@@ -14,8 +14,6 @@ finished one.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -92,7 +90,3 @@ def abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
 
-
-def describe(state: Any) -> str:
-    n = sum(x.size for x in jax.tree.leaves(state.params))
-    return f"{n / 1e6:.2f}M parameters"

@@ -131,3 +131,13 @@ def test_train_command_end_to_end_with_zero_shot_eval(tmp_path):
         assert 0.0 <= evals[0][f"zero_shot/{key}"] <= 1.0
     assert "zero_shot_held_out/shape" in evals[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_bf16_remat_and_accumulation_switches_train(tmp_path):
+    config = tiny_config("dtype=bfloat16", "remat=True", "grad_accum_steps=2", "total_steps=3",
+                         "data.hard_negatives=1")
+    state = loop.train_and_evaluate(config, str(tmp_path))
+    params = jax.device_get(state.params)
+    assert jax.tree.leaves(params)[0].dtype == np.float32  # bf16 compute, f32 parameters
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)

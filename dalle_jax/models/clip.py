@@ -35,7 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  text_width=768, text_layers=12, text_heads=12),
     "tiny": dict(embed_dim=128, image_size=32, patch_size=8, vision_width=128,
                  vision_layers=3, vision_heads=4, context_length=16, vocab_size=49408,
-                 text_width=128, text_layers=3, text_heads=4, conv_stem=(32, 64)),
+                 text_width=128, text_layers=3, text_heads=4,
+                 conv_stem=((32, 2, 3), (64, 2, 3))),
     "micro": dict(embed_dim=32, image_size=16, patch_size=4, vision_width=32,
                   vision_layers=1, vision_heads=2, context_length=16, vocab_size=49408,
                   text_width=32, text_layers=1, text_heads=2),
@@ -55,8 +56,8 @@ class CLIPConfig:
     text_width: int
     text_layers: int
     text_heads: int
-    # Channels of stride-2 convolutions before the patch embedding; () is OpenAI's ViT.
-    conv_stem: tuple[int, ...] = ()
+    # (channels, stride, kernel) of convolutions before the patch embedding; () is OpenAI's ViT.
+    conv_stem: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "CLIPConfig":
@@ -163,13 +164,14 @@ class VisionTransformer(nn.Module):
         p, w = c.patch_size, c.vision_width
         x = images.astype(self.dtype)
         if c.conv_stem:
-            # Early convolutions (Xiao et al. 2021): stride-2 3x3 convs see the local shape of
-            # small objects that a linear patch embedding learns slowly. The patch embedding
-            # then covers the remaining factor of the patch size.
-            for i, ch in enumerate(c.conv_stem):
-                x = nn.Conv(ch, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"stem_{i}")(x)
+            # Early convolutions (Xiao et al. 2021): small convs see the local shape of small
+            # objects that a linear patch embedding learns slowly. The patch embedding then
+            # covers what the strides leave of the patch size.
+            for i, (ch, stride, kernel) in enumerate(c.conv_stem):
+                x = nn.Conv(ch, (kernel, kernel), strides=(stride, stride), dtype=self.dtype,
+                            name=f"stem_{i}")(x)
                 x = nn.gelu(x)
-            p = p // 2 ** len(c.conv_stem)
+                p //= stride
         x = nn.Conv(w, (p, p), strides=(p, p), use_bias=False, dtype=self.dtype,
                     name="patch_embedding")(x)
         b, gh, gw, _ = x.shape

@@ -38,8 +38,8 @@ class CLIPTask:
 
     frozen = {}  # CLIP trains every parameter it uses
 
-    def grad_fn(self, params, batch, rng, frozen):
-        return state_lib.value_and_grad_fn(self.loss_fn)(params, batch, rng, frozen)
+    def grad_fn(self, params, batch, rng, frozen, step):
+        return state_lib.value_and_grad_fn(self.loss_fn)(params, batch, rng, frozen, step)
 
     def loss_fn(self, params, batch, rng, frozen):
         del rng, frozen  # the contrastive loss is deterministic

@@ -58,14 +58,15 @@ def _meta(config) -> dict:
     return {"family": config.family, "config": json.loads(config.to_json_best_effort())}
 
 
-def setup(config, workdir: str):
+def setup(config, workdir: str, task=None):
     """Everything but the loop itself: (mesh, task, train step, state, iterator, checkpointer).
 
-    Split out so that tests and benchmarks can drive the very same objects.
+    Split out so that tests and benchmarks can drive the very same objects. `task` defaults to
+    the family the config names.
     """
     mesh = sharding.make_mesh(dict(config.mesh))
     jax.set_mesh(mesh)
-    task = build_task(config)
+    task = task or build_task(config)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
 
     def init(rng):

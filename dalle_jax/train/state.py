@@ -1,7 +1,7 @@
 """Training state as one immutable pytree, and the shared update step around a family's loss.
 
-A family (CLIP, GAN, prior, ...) supplies `grad_fn(params, batch, rng, frozen) -> (grads,
-metrics)` (`metrics["loss"]` required; `value_and_grad_fn` adapts a plain loss); this module
+A family (CLIP, GAN, prior, ...) supplies `grad_fn(params, batch, rng, frozen, step) ->
+(grads, metrics)` (`metrics["loss"]` required; `value_and_grad_fn` adapts a plain loss); this module
 turns it into a pure `(state, batch, frozen) -> (state, metrics)` step with gradient
 accumulation, the optax update, the EMA of the parameters and health metrics. `frozen` holds
 parameters the family uses but does not train (a frozen CLIP, say): an argument, not a closure,
@@ -42,7 +42,8 @@ def _split_microbatches(batch, k: int):
 
 def value_and_grad_fn(loss_fn: Callable) -> Callable:
     """Adapts `loss_fn(params, batch, rng, frozen) -> (loss, metrics)` to a grad_fn."""
-    def grad_fn(params, batch, rng, frozen):
+    def grad_fn(params, batch, rng, frozen, step):
+        del step
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch, rng, frozen)
         return grads, {**metrics, "loss": loss}
@@ -54,24 +55,25 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
                     grad_accum_steps: int = 1):
     """Builds the pure step. Jit it with donated state and explicit shardings."""
 
-    def compute_grads(params, batch, rng, frozen):
+    def compute_grads(params, batch, rng, frozen, step):
         if grad_accum_steps == 1:
-            return grad_fn(params, batch, rng, frozen)
+            return grad_fn(params, batch, rng, frozen, step)
         micro = _split_microbatches(batch, grad_accum_steps)
 
         def body(carry, xs):
             i, mb = xs
-            out = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
+            out = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen, step)
             return jax.tree.map(jnp.add, carry, out), None
 
-        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, frozen)
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng,
+                                frozen, step)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
     def train_step(state: TrainState, batch, frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = compute_grads(state.params, batch, rng, frozen)
+        grads, metrics = compute_grads(state.params, batch, rng, frozen, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,

@@ -1,0 +1,175 @@
+"""GAN family: the decoder from a CLIP vector to pixels, trained against a conditional
+discriminator on a frozen CLIP.
+
+Losses (StyleGAN2 and its conditional descendants): non-saturating logistic for both players,
+a lazy R1 penalty on real images every `r1_interval` steps (Mescheder et al. 2018; Karras et
+al. 2020), the matching-aware term of GAN-INT-CLS (Reed et al. 2016: a real image under a
+mismatched condition is a negative), optional CLIP guidance (1 - cosine between the frozen
+CLIP's embedding of the generated picture and its condition) and optional differentiable
+augmentation (Zhao et al. 2020: colour, translation, cutout) on every image the discriminator
+sees. Both players are updated from the same batch in one jitted step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dalle_jax.models import clip as clip_lib
+from dalle_jax.models import gan as gan_lib
+from dalle_jax.train import clip as clip_family
+
+
+def diff_augment(images, rng, policy: str):
+    """DiffAugment on [B, H, W, 3] images in [-1, 1]: the same ops for real and fake."""
+    b, h, w, _ = images.shape
+    keys = jax.random.split(rng, 6)
+    x = images
+    if "color" in policy:
+        x = x + (jax.random.uniform(keys[0], (b, 1, 1, 1)) - 0.5)
+        mean = x.mean(axis=-1, keepdims=True)
+        x = (x - mean) * jax.random.uniform(keys[1], (b, 1, 1, 1), minval=0.0, maxval=2.0) + mean
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * jax.random.uniform(keys[2], (b, 1, 1, 1), minval=0.5, maxval=1.5) + mean
+    if "translation" in policy:
+        shift = jax.random.randint(keys[3], (b, 2), -(h // 8), h // 8 + 1)
+        padded = jnp.pad(x, ((0, 0), (h // 8, h // 8), (w // 8, w // 8), (0, 0)))
+        x = jax.vmap(lambda im, s: jax.lax.dynamic_slice(
+            im, (h // 8 + s[0], w // 8 + s[1], 0), (h, w, 3)))(padded, shift)
+    if "cutout" in policy:
+        centre = jax.random.randint(keys[4], (b, 2), 0, h)
+        ys, xs = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+        inside = ((jnp.abs(ys - centre[:, 0, None, None]) < h // 4)
+                  & (jnp.abs(xs - centre[:, 1, None, None]) < w // 4))
+        x = jnp.where(inside[..., None], 0.0, x)
+    return x
+
+
+class GANTask:
+    """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
+
+    def __init__(self, config, clip_params, clip_config):
+        self.config = config
+        self.clip_model = clip_family.build_model(clip_config)
+        self.frozen = {"clip": clip_params}
+        g = config.model
+        self.gan_config = gan_lib.GANConfig(
+            resolution=config.data.image_size, cond_dim=self.clip_model.config.embed_dim,
+            z_dim=g.z_dim, w_dim=g.w_dim, mapping_layers=g.mapping_layers,
+            channels=tuple(g.channels), d_channels=tuple(g.d_channels), noise=g.noise,
+            cross_attention_res=tuple(g.cross_attention_res),
+            token_dim=self.clip_model.config.text_width)
+        self.generator = gan_lib.Generator(self.gan_config)
+        self.discriminator = gan_lib.Discriminator(self.gan_config)
+
+    def init_params(self, rng):
+        c, d = self.gan_config, self.config.data
+        kg, kd = jax.random.split(rng)
+        z = jnp.zeros((1, c.z_dim))
+        cond = jnp.ones((1, c.cond_dim))
+        tokens = jnp.zeros((1, d.context_length, c.token_dim))
+        mask = jnp.ones((1, d.context_length), bool)
+        images = jnp.zeros((1, c.resolution, c.resolution, 3))
+        return {"generator": self.generator.init(kg, z, cond, kg, tokens, mask)["params"],
+                "discriminator": self.discriminator.init(kd, images, cond)["params"]}
+
+    def conditions(self, clip_params, images, tokens):
+        """(condition vector, token features, token mask) from the frozen CLIP."""
+        apply = lambda x, method: self.clip_model.apply({"params": clip_params}, x, method=method)
+        text_embed, token_features = apply(tokens, self.clip_model.encode_text)
+        if self.config.model.condition == "text":
+            cond = text_embed
+        else:
+            cond = apply(images, self.clip_model.encode_image)[0]
+        stop = jax.lax.stop_gradient
+        return stop(cond), stop(token_features), tokens != 0
+
+    def grad_fn(self, params, batch, rng, frozen, step):
+        lc = self.config.loss
+        real, tokens = batch["image"], batch["tokens"]
+        b = real.shape[0]
+        k_z, k_noise, k_aug_g, k_aug_f, k_aug_r, k_aug_m = jax.random.split(rng, 6)
+        cond, token_features, mask = self.conditions(frozen["clip"], real, tokens)
+        z = jax.random.normal(k_z, (b, self.gan_config.z_dim))
+        augment = (lambda x, k: diff_augment(x, k, lc.augment)) if lc.augment else (lambda x, k: x)
+        D = lambda dp, x, c: self.discriminator.apply({"params": dp}, x, c)
+
+        def generator_loss(gp):
+            fake = self.generator.apply({"params": gp}, z, cond, k_noise, token_features, mask)
+            adversarial = jax.nn.softplus(-D(params["discriminator"], augment(fake, k_aug_g),
+                                              cond)).mean()
+            loss, metrics = adversarial, {"g_adversarial": adversarial}
+            if lc.clip_weight:
+                fake_embed = self.clip_model.apply({"params": frozen["clip"]}, fake,
+                                                   method=self.clip_model.encode_image)[0]
+                cosine = jnp.sum(fake_embed * clip_lib.l2_normalize(cond), axis=-1).mean()
+                loss = loss + lc.clip_weight * (1.0 - cosine)
+                metrics["clip_cosine"] = cosine
+            return loss, (fake, metrics)
+
+        (g_loss, (fake, g_metrics)), g_grads = jax.value_and_grad(
+            generator_loss, has_aux=True)(params["generator"])
+        fake = jax.lax.stop_gradient(fake)
+
+        def discriminator_loss(dp):
+            real_logits = D(dp, augment(real, k_aug_r), cond)
+            fake_logits = D(dp, augment(fake, k_aug_f), cond)
+            loss = jax.nn.softplus(fake_logits).mean() + jax.nn.softplus(-real_logits).mean()
+            metrics = {"d_real": real_logits.mean(), "d_fake": fake_logits.mean()}
+            if lc.matching_weight:
+                mismatched = jnp.roll(cond, 1, axis=0)
+                mismatch_logits = D(dp, augment(real, k_aug_m), mismatched)
+                loss = loss + lc.matching_weight * jax.nn.softplus(mismatch_logits).mean()
+                metrics["d_mismatch"] = mismatch_logits.mean()
+            return loss, metrics
+
+        (d_loss, d_metrics), d_grads = jax.value_and_grad(
+            discriminator_loss, has_aux=True)(params["discriminator"])
+
+        def r1_grads(dp):
+            def penalty(dp):
+                score = lambda x: D(dp, x, cond).sum()
+                g = jax.grad(score)(real)
+                return 0.5 * lc.r1_gamma * jnp.mean(jnp.sum(jnp.square(g), axis=(1, 2, 3)))
+            value, grads = jax.value_and_grad(penalty)(dp)
+            # Lazy regularisation: every r1_interval steps, scaled up to the same strength.
+            return jax.tree.map(lambda x: x * lc.r1_interval, grads), value
+
+        r1_on = (step % lc.r1_interval) == 0
+        r1, r1_value = jax.lax.cond(
+            r1_on, r1_grads,
+            lambda dp: (jax.tree.map(jnp.zeros_like, dp), jnp.zeros(())),
+            params["discriminator"])
+        d_grads = jax.tree.map(jnp.add, d_grads, r1)
+        grads = {"generator": g_grads, "discriminator": d_grads}
+        metrics = {**g_metrics, **d_metrics, "loss": g_loss + d_loss, "g_loss": g_loss,
+                   "d_loss": d_loss, "r1": r1_value}
+        return grads, metrics
+
+    def evaluate(self, params) -> dict[str, float]:
+        del params  # adherence of sampled pictures comes with the Pipeline (issue 3)
+        return {}
+
+
+def sample(task: GANTask, params, cond, rng, truncation: float = 1.0, tokens=None,
+           w_mean_samples: int = 64):
+    """Pictures [B, R, R, 3] in [-1, 1] for condition vectors [B, C].
+
+    Truncation pulls w toward the condition's own mean w (from `w_mean_samples` draws of z),
+    not toward one global average, which would pull every picture toward the average caption.
+    """
+    c = task.gan_config
+    k_z, k_mean, k_noise = jax.random.split(rng, 3)
+    b = cond.shape[0]
+    mapping = lambda z, cnd: task.generator.apply(
+        {"params": params}, z, cnd, method=lambda m, z, cnd: m.mapping(z, cnd))
+    w_mean = None
+    if truncation != 1.0:
+        zs = jax.random.normal(k_mean, (w_mean_samples, b, c.z_dim))
+        w_mean = jnp.mean(jax.vmap(lambda z: mapping(z, cond))(zs), axis=0)
+    z = jax.random.normal(k_z, (b, c.z_dim))
+    features = mask = None
+    if tokens is not None:
+        features, mask = tokens
+    return task.generator.apply({"params": params}, z, cond, k_noise, features, mask,
+                                truncation=truncation, w_mean=w_mean)
