@@ -70,13 +70,6 @@ class Checkpointer:
                                   f"{self.directory} is not {FORMAT_VERSION}")
         return restored["state"], meta
 
-    def read_meta(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
-
     def wait(self):
         self._manager.wait_until_finished()
 

@@ -350,6 +350,17 @@ class Tokenizer:
             return tuple(_merge_short(syms, v.rank, v.merged_id))
         return tuple(_merge_long(syms, v.rank, v.merged_id, v.pair_of_rank))
 
+    def _cached_ids(self, words: Iterable[str], ascii_only: bool) -> tuple[int, ...]:
+        """Concatenated ids of words (or pieces), through the word cache."""
+        get = self._words.get
+        out: list[int] = []
+        for word in words:
+            word_ids = get(word)
+            if word_ids is None:
+                word_ids = self._word_ids(word, ascii_only)
+            out += word_ids
+        return tuple(out)
+
     def _word_ids(self, word: str, ascii_only: bool) -> tuple[int, ...]:
         """Ids of one space-separated word of cleaned text; fills the word cache.
 
@@ -360,14 +371,7 @@ class Tokenizer:
         if len(pieces) == 1 and pieces[0] == word:
             ids = self._bpe(word)
         else:
-            get = self._words.get
-            out: list[int] = []
-            for piece in pieces:
-                piece_ids = get(piece)
-                if piece_ids is None:
-                    piece_ids = self._word_ids(piece, ascii_only)
-                out += piece_ids
-            ids = tuple(out)
+            ids = self._cached_ids(pieces, ascii_only)
         if len(word) <= _MAX_CACHED_WORD_CHARS:
             words = self._words
             with self._lock:
@@ -389,14 +393,7 @@ class Tokenizer:
                     cache.move_to_end(text)
                     return ids
         words, ascii_only = _clean_to_words(text)
-        get = self._words.get
-        out: list[int] = []
-        for word in words:
-            word_ids = get(word)
-            if word_ids is None:
-                word_ids = self._word_ids(word, ascii_only)
-            out += word_ids
-        ids = tuple(out)
+        ids = self._cached_ids(words, ascii_only)
         if cacheable:
             with self._lock:
                 cache[text] = ids

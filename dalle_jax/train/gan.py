@@ -150,26 +150,3 @@ class GANTask:
         del params  # adherence of sampled pictures comes with the Pipeline (issue 3)
         return {}
 
-
-def sample(task: GANTask, params, cond, rng, truncation: float = 1.0, tokens=None,
-           w_mean_samples: int = 64):
-    """Pictures [B, R, R, 3] in [-1, 1] for condition vectors [B, C].
-
-    Truncation pulls w toward the condition's own mean w (from `w_mean_samples` draws of z),
-    not toward one global average, which would pull every picture toward the average caption.
-    """
-    c = task.gan_config
-    k_z, k_mean, k_noise = jax.random.split(rng, 3)
-    b = cond.shape[0]
-    mapping = lambda z, cnd: task.generator.apply(
-        {"params": params}, z, cnd, method=lambda m, z, cnd: m.mapping(z, cnd))
-    w_mean = None
-    if truncation != 1.0:
-        zs = jax.random.normal(k_mean, (w_mean_samples, b, c.z_dim))
-        w_mean = jnp.mean(jax.vmap(lambda z: mapping(z, cond))(zs), axis=0)
-    z = jax.random.normal(k_z, (b, c.z_dim))
-    features = mask = None
-    if tokens is not None:
-        features, mask = tokens
-    return task.generator.apply({"params": params}, z, cond, k_noise, features, mask,
-                                truncation=truncation, w_mean=w_mean)

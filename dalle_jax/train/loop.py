@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from dalle_jax import checkpoint as ckpt_lib
