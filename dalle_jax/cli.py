@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 
 def _fail(message: str, status: int = 2):
     print(f"error: {message}", file=sys.stderr)
@@ -34,7 +36,11 @@ def train_main(argv=None) -> int:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from dalle_jax.train.loop import TrainingError, train_and_evaluate
     try:
-        train_and_evaluate(config, args.workdir)
+        if config.family == "pipeline":
+            from dalle_jax.train import stages
+            stages.run(config, args.workdir)
+        else:
+            train_and_evaluate(config, args.workdir)
     except (CheckpointError, TrainingError, ValueError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -43,8 +49,87 @@ def train_main(argv=None) -> int:
 
 
 def sample_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sample.py", description="Draw pictures from a prompt.")
-    parser.add_argument("prompt", nargs="?")
-    parser.parse_args(argv)
-    return _fail("sampling needs a generator, which dalle_jax does not have yet (the GAN and "
-                 "unCLIP generators are being built); only CLIP training works so far", 1)
+    parser = argparse.ArgumentParser(
+        prog="sample.py", description="Draw pictures from a prompt with a trained dalle_jax "
+        "model (the shipped one unless --checkpoint says otherwise) and write them as one grid "
+        "PNG, whose path is printed.")
+    parser.add_argument("prompt", nargs="*", help="what to draw (one or more prompts)")
+    parser.add_argument("--num", type=int, default=4, help="pictures per prompt or image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples.png", help="the grid PNG to write")
+    parser.add_argument("--checkpoint", help="a model file (workdir/model.npz of a training "
+                        "run); default: the model shipped in the package")
+    parser.add_argument("--generator", default="gan", help="gan (unclip comes with issue 4)")
+    parser.add_argument("--truncation", type=float, default=1.0,
+                        help="1 = full diversity; smaller pulls toward each prompt's mean")
+    parser.add_argument("--scale", type=int, default=4, help="enlarge the grid this many times")
+    parser.add_argument("--variations", metavar="IMG", help="re-draw this picture --num times")
+    parser.add_argument("--interpolate", nargs=2, metavar="IMG",
+                        help="--num pictures from the first image's vector to the second's")
+    parser.add_argument("--edit", metavar="IMG", help="change this picture from --from to --to")
+    parser.add_argument("--from", dest="from_text", metavar="TEXT")
+    parser.add_argument("--to", dest="to_text", metavar="TEXT")
+    parser.add_argument("--amount", type=float, default=0.5, help="how far an edit goes (0-1)")
+    args = parser.parse_args(argv)
+    modes = [m for m in ("variations", "interpolate", "edit") if getattr(args, m)]
+    if len(modes) > 1:
+        return _fail(f"choose one of --{' / --'.join(modes)}")
+    if not modes and not args.prompt:
+        return _fail('say what to draw, e.g. sample.py "a large red circle in the top left"')
+    if modes and args.prompt:
+        return _fail(f"--{modes[0]} takes no prompt (did you mean --from/--to?)")
+    if args.edit and not (args.from_text and args.to_text):
+        return _fail("--edit needs --from TEXT and --to TEXT")
+    if args.num < 1 or args.num > 1024:
+        return _fail(f"--num must be between 1 and 1024, not {args.num}")
+    if not 0.0 <= args.amount <= 1.0:
+        return _fail(f"--amount must be between 0 and 1, not {args.amount}")
+    if not 0.0 <= args.truncation <= 2.0:
+        return _fail(f"--truncation must be between 0 and 2, not {args.truncation}")
+    prompts = [_clean_prompt(p) for p in args.prompt]
+
+    import warnings
+    from dalle_jax import bundle, images as images_lib
+    from dalle_jax.pipeline import Pipeline, PromptError
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = Pipeline.load(args.checkpoint, generator=args.generator)
+            s = pipe.image_size
+            if args.variations:
+                pictures = pipe.variations(images_lib.load_image(args.variations, s), args.num,
+                                           args.seed, truncation=args.truncation)
+                what = f"variations of {args.variations}"
+            elif args.interpolate:
+                a, b = (images_lib.load_image(p, s) for p in args.interpolate)
+                pictures = pipe.interpolate(a, b, max(args.num, 2), args.seed,
+                                            truncation=args.truncation)
+                what = f"interpolation {args.interpolate[0]} -> {args.interpolate[1]}"
+            elif args.edit:
+                source = images_lib.load_image(args.edit, s)
+                edited = pipe.edit(source, args.from_text, args.to_text, args.amount, args.seed,
+                                   truncation=args.truncation)
+                pictures = np.concatenate([source[None], edited])
+                what = f"edit of {args.edit}: {args.from_text!r} -> {args.to_text!r}"
+            else:
+                pictures = pipe.generate(prompts, args.num, args.seed, args.truncation)
+                what = " | ".join(prompts)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        cols = args.num if not (args.interpolate or args.edit) else len(pictures)
+        images_lib.save_png(args.out, images_lib.grid(pictures, cols=cols),
+                            {"prompt": what, "seed": args.seed, "model": pipe.path,
+                             "generator": args.generator, "truncation": args.truncation},
+                            scale=args.scale)
+    except (bundle.BundleError, images_lib.ImageError, PromptError) as e:
+        return _fail(str(e))
+    print(args.out)
+    return 0
+
+
+def _clean_prompt(prompt: str) -> str:
+    """Command-line text as the model should see it: undecodable bytes (surrogate escapes of
+    invalid UTF-8) and control characters become spaces."""
+    prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(" " if (ord(ch) < 32 or 127 <= ord(ch) < 160 or ch == "\ufffd") else ch
+                   for ch in prompt)

@@ -20,7 +20,7 @@ def gan_config(**mesh):
                    d_channels=(8, 16, 16), noise=True, cross_attention_res=(8,),
                    condition="image"),
         loss=dict(augment="color,translation,cutout", clip_weight=1.0, matching_weight=1.0,
-                  r1_gamma=1.0, r1_interval=2),
+                  r1_gamma=1.0, r1_interval=2, reconstruction_weight=1.0),
         optim=dict(lr=2e-3, warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.0, b1=0.0,
                    b2=0.99, eps=1e-8, clip_norm=1e3, ema_decay=0.9),
         dtype="float32", remat=False, grad_accum_steps=1,
@@ -54,7 +54,7 @@ def run_steps(config, workdir, steps=2):
 def test_gan_step_updates_both_players_and_applies_lazy_r1(tmp_path):
     params, history = run_steps(gan_config(), tmp_path, steps=2)
     first = history[0]
-    for key in ("g_loss", "d_loss", "d_real", "d_fake", "d_mismatch", "clip_cosine", "r1"):
+    for key in ("g_loss", "d_loss", "d_real", "d_fake", "d_mismatch", "clip_cosine", "r1", "l1"):
         assert np.isfinite(first[key]), key
     assert first["r1"] > 0 and history[1]["r1"] == 0  # step 0 regularises, step 1 does not
     init = gan_family.GANTask(gan_config(), *clip_parts()).init_params(

@@ -414,3 +414,26 @@ def accuracy(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str])
     """Fraction of images whose caption is fully satisfied (0.0 for an empty batch)."""
     results = score_batch(images, captions)
     return sum(r.ok for r in results) / len(results) if results else 0.0
+
+
+def summary(results: Sequence[AdherenceResult], captions: Sequence[str]) -> dict[str, float]:
+    """Accuracy by the groups the generators are judged on: one-object captions with a seen
+    colour-shape pair, one-object with a held-out pair, two-object captions; each with its
+    count (`n_...`)."""
+    groups: dict[str, list[bool]] = {"one_object_seen": [], "one_object_held_out": [],
+                                     "two_object": []}
+    for result, caption in zip(results, captions):
+        parsed = S.parse_caption(caption)
+        if parsed is None:
+            continue
+        if len(parsed.objects) == 2:
+            groups["two_object"].append(result.ok)
+        elif (parsed.objects[0].colour, parsed.objects[0].shape) in S.HELD_OUT:
+            groups["one_object_held_out"].append(result.ok)
+        else:
+            groups["one_object_seen"].append(result.ok)
+    out = {}
+    for name, oks in groups.items():
+        out[name] = float(np.mean(oks)) if oks else float("nan")
+        out[f"n_{name}"] = float(len(oks))
+    return out

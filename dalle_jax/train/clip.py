@@ -55,7 +55,8 @@ class CLIPTask:
                                          negative_embed)
         return loss, {"logit_scale": aux["logit_scale"]}
 
-    def evaluate(self, params) -> dict[str, float]:
+    def evaluate(self, params, step: int | None = None) -> dict[str, float]:
+        del step
         return zero_shot_accuracy(self.model, params, self.config.data,
                                   self.config.eval.num_examples)
 

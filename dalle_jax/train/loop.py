@@ -95,10 +95,15 @@ def setup(config, workdir: str, task=None):
     return mesh, task, step_fn, state, iterator, checkpointer
 
 
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
-    """Trains to `config.total_steps` (or stops early at `stop_at_step`); returns the state."""
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, task=None):
+    """Trains to `config.total_steps` (or stops early at `stop_at_step`); returns the state.
+
+    `task` defaults to the family the config names (families that stand on a frozen CLIP are
+    built by `dalle_jax.train.stages`). A finished run returns its restored state at once.
+    """
     os.makedirs(workdir, exist_ok=True)
-    mesh, task, step_fn, state, iterator, checkpointer = setup(config, workdir)
+    mesh, task, step_fn, state, iterator, checkpointer = setup(config, workdir, task)
+    task.workdir = workdir
     writer = MetricWriter(workdir)
     meta = _meta(config)
     start = int(state.step)
@@ -106,6 +111,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
     show = jax.process_index() == 0 and config.progress_bar
     bar = tqdm(total=config.total_steps, initial=start, disable=not show, dynamic_ncols=True,
                file=sys.stderr, desc=config.family)
+    if start >= end:
+        bar.close()
+        checkpointer.close()
+        return state
     if start:
         tqdm.write(f"resumed from step {start} in {workdir}", file=sys.stderr)
     last_time, last_step = time.perf_counter(), start
@@ -126,7 +135,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None):
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}",
                             refresh=False)
         if config.eval_every and (done % config.eval_every == 0 or done == config.total_steps):
-            results = task.evaluate(state.ema_params if config.eval.use_ema else state.params)
+            results = task.evaluate(state.ema_params if config.eval.use_ema else state.params, done)
             writer.write(done, results)
             tqdm.write(f"step {done} eval: " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()),
                        file=sys.stderr)

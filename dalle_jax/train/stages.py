@@ -1,0 +1,77 @@
+"""One command trains a whole pipeline: CLIP, then the prior and the decoder on the frozen CLIP.
+
+Each stage is an ordinary training run in `workdir/<stage>` (checkpoints, metrics.jsonl,
+periodic evaluation), so rerunning the command resumes the unfinished stage and skips the
+finished ones. When the last stage is done, the pipeline is written as one model file,
+`workdir/model.npz` (see `dalle_jax.bundle`), which `Pipeline.load` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from dalle_jax import bundle
+from dalle_jax.data import shapes
+from dalle_jax.tokenizer import Tokenizer
+from dalle_jax.train import loop
+
+STAGES = ("clip", "prior", "decoder")
+
+
+def build_task(stage_config, clip_params, clip_config):
+    from dalle_jax.train.gan import GANTask
+    from dalle_jax.train.prior import PriorTask
+    tasks = {"prior": PriorTask, "gan": GANTask}
+    if stage_config.family not in tasks:
+        raise ValueError(f"unknown model family {stage_config.family!r} for a stage on a frozen "
+                         f"CLIP; valid: {', '.join(tasks)}")
+    return tasks[stage_config.family](stage_config, clip_params, clip_config)
+
+
+def _params(state, config):
+    return state.ema_params if config.eval.use_ema else state.params
+
+
+def run(config, workdir: str) -> str:
+    """Trains every stage (resuming), exports the model file; returns its path."""
+    clip_state = loop.train_and_evaluate(config.clip, os.path.join(workdir, "clip"))
+    clip_params = _params(clip_state, config.clip)
+    prior_task = build_task(config.prior, clip_params, config.clip)
+    prior_state = loop.train_and_evaluate(config.prior, os.path.join(workdir, "prior"),
+                                          task=prior_task)
+    decoder_task = build_task(config.decoder, clip_params, config.clip)
+    decoder_state = loop.train_and_evaluate(config.decoder, os.path.join(workdir, "decoder"),
+                                            task=decoder_task)
+    path = os.path.join(workdir, "model.npz")
+    if jax.process_index() == 0:
+        export(path, config, clip_params, _params(prior_state, config.prior),
+               decoder_state.ema_params["generator"])
+        print(f"model written to {path}", file=sys.stderr)
+    return path
+
+
+def shapes_vocabulary(context_length: int, count: int = 20000) -> np.ndarray:
+    """Every token id the shapes captions use (both splits), plus start, end and padding."""
+    captions = [shapes.caption_of(shapes.scene(i, split)) for split in ("train", "eval")
+                for i in range(count)]
+    return np.unique(np.concatenate([Tokenizer()(captions, context_length).ravel(), [0]]))
+
+
+def export(path: str, config, clip_params, prior_params, generator_params,
+           dtype: str | None = None):
+    """The pipeline's model file: the frozen CLIP, the prior and the generator's EMA weights."""
+    configs = {"generator": "gan", "clip": json.loads(config.clip.to_json_best_effort()),
+               "prior": json.loads(config.prior.to_json_best_effort()),
+               "decoder": json.loads(config.decoder.to_json_best_effort())}
+    params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
+              "generator": jax.device_get(generator_params)}
+    keep = None
+    if config.clip.data.name == "shapes":
+        keep = {"clip/text/token_embedding/embedding":
+                shapes_vocabulary(config.clip.data.context_length)}
+    bundle.export(path, configs, params, dtype or config.get("export_dtype", "float32"), keep)

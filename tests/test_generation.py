@@ -1,0 +1,258 @@
+"""The Pipeline API, the model file, the flow prior and sample.py, on a small random model."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle_jax import bundle
+from dalle_jax import config as config_lib
+from dalle_jax import images as images_lib
+from dalle_jax.models import flow_prior
+from dalle_jax.pipeline import Pipeline, PromptError, slerp
+from dalle_jax.train import stages
+from dalle_jax.train.clip import CLIPTask
+from dalle_jax.train.gan import GANTask
+from dalle_jax.train.prior import PriorTask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
+         "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
+         "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
+         "prior.model.sample_steps=4", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+
+
+def small_config():
+    return config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A randomly initialised pipeline written as a model file, as training would."""
+    config = small_config()
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
+    prior = jax.tree.map(lambda x: x + 0.01, prior)  # zero-initialised heads would hide bugs
+    gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
+    path = str(tmp_path_factory.mktemp("model") / "model.npz")
+    stages.export(path, config, clip_params, prior, gan["generator"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(model_file):
+    return Pipeline.load(model_file, batch_size=4)
+
+
+PROMPTS = ["a large red circle in the top left", "a small blue square on a black background",
+           "a green star"]
+
+
+def test_generate_shapes_and_batch_independence(pipe, model_file):
+    out = pipe.generate(PROMPTS, num_per_prompt=3, seed=5)
+    assert out.dtype == np.uint8 and out.shape == (9, 16, 16, 3)
+    # The same pictures one prompt at a time, and with another batch size (other padding and
+    # batch composition): each picture's key depends on (seed, prompt index, sample index) only.
+    other = Pipeline.load(model_file, batch_size=7)
+    np.testing.assert_array_equal(other.generate(PROMPTS, num_per_prompt=3, seed=5), out)
+    np.testing.assert_array_equal(pipe.generate(PROMPTS[:1], num_per_prompt=2, seed=5), out[:2])
+    assert not np.array_equal(pipe.generate(PROMPTS, 3, seed=6), out)
+    assert not np.array_equal(out[0], out[1])  # samples of one prompt differ
+
+
+def test_variations_interpolate_edit(pipe):
+    source = pipe.generate(PROMPTS[:2], seed=1)
+    var = pipe.variations(source, num=3, seed=2)
+    assert var.shape == (6, 16, 16, 3) and var.dtype == np.uint8
+    np.testing.assert_array_equal(pipe.variations(source[:1], num=3, seed=2), var[:3])
+    assert not np.array_equal(var[0], var[1])  # noise differs between variations
+    frames = pipe.interpolate(source[0], source[1], steps=5)
+    assert frames.shape == (5, 16, 16, 3)
+    # The end frames are the images' own vectors decoded with the frames' shared key.
+    embed = pipe.encode_images(source)
+    from dalle_jax.pipeline import picture_keys
+    ends = pipe.decode(embed, picture_keys(0, [(0, 0), (0, 0)]))
+    np.testing.assert_array_equal(frames[[0, -1]], ends)
+    edited = pipe.edit(source[0], "red", "blue", amount=0.5)
+    assert edited.shape == (1, 16, 16, 3)
+    unchanged = pipe.edit(source[0], "red", "blue", amount=0.0)
+    np.testing.assert_array_equal(unchanged, pipe.decode(embed[:1], picture_keys(0, [(0, 0)])))
+    with pytest.raises(PromptError):
+        pipe.edit(source[0], "red", "red")
+    with pytest.raises(ValueError, match="uint8"):
+        pipe.variations(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_slerp_endpoints_and_norm():
+    a = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
+    b = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+    n = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(slerp(a, b, 0.0), n(a), atol=1e-5)
+    np.testing.assert_allclose(slerp(a, b, 1.0), n(b), atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    np.testing.assert_allclose(jnp.linalg.norm(mid, axis=-1), 1.0, atol=1e-5)
+    # Halfway is equally far from both ends.
+    np.testing.assert_allclose(jnp.sum(mid * n(a), -1), jnp.sum(mid * n(b), -1), atol=1e-5)
+
+
+def test_prompt_checks(pipe):
+    for bad in ([""], ["   "], "a red circle", [3]):
+        with pytest.raises(PromptError):
+            pipe.generate(bad)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate(["a red zebra " + "very " * 50 + "big"])
+    text = " | ".join(str(w.message) for w in caught)
+    assert "never saw" in text and "zebra" in text and "cut to" in text
+
+
+def test_model_file_round_trip_and_bad_files(tmp_path, model_file):
+    meta, params = bundle.load(model_file)
+    config = small_config()
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    emb = clip_params["text"]["token_embedding"]["embedding"]
+    kept = sorted(bundle.known_tokens(meta, "clip/text/token_embedding/embedding"))
+    assert 20 < len(kept) < 200 and 49406 in kept and 49407 in kept
+    loaded = params["clip"]["text"]["token_embedding"]["embedding"]
+    np.testing.assert_array_equal(loaded[kept], np.asarray(emb)[kept])
+    others = np.setdiff1d(np.arange(emb.shape[0]), kept)
+    assert not loaded[others].any()
+    np.testing.assert_array_equal(params["clip"]["visual"]["proj"]["kernel"],
+                                  clip_params["visual"]["proj"]["kernel"])
+    # bfloat16 files: half the bytes, values rounded to bf16.
+    half = str(tmp_path / "half.npz")
+    bundle.export(half, meta["configs"], {"x": {"w": np.linspace(0, 1, 1000, dtype=np.float32)}},
+                  "bfloat16")
+    _, p = bundle.load(half)
+    np.testing.assert_allclose(p["x"]["w"], np.linspace(0, 1, 1000), atol=4e-3)
+    # Files that are not models: one clear error each, never a traceback from numpy or zip.
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    future = dict(np.load(model_file))
+    m = json.loads(bytes(future["__meta__"]).decode())
+    m["format_version"] = 99
+    future["__meta__"] = np.frombuffer(json.dumps(m).encode(), np.uint8)
+    np.savez(tmp_path / "future.npz", **future)
+    raw = open(model_file, "rb").read()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    for name, match in [("missing.npz", "no model file"), ("text.npz", "cannot read"),
+                        ("foreign.npz", "not a dalle_jax model"), ("future.npz", "format 99"),
+                        ("cut.npz", "cannot read")]:
+        with pytest.raises(bundle.BundleError, match=match):
+            bundle.load(str(tmp_path / name))
+
+
+def test_flow_prior_sampling_is_per_key_and_unit_norm():
+    model = flow_prior.FlowPrior(flow_prior.PriorConfig(embed_dim=8, token_dim=4, width=16,
+                                                        depth=1, sample_steps=3))
+    x = jnp.ones((5, 8)) / np.sqrt(8)
+    feats, mask = jnp.ones((5, 6, 4)), jnp.ones((5, 6), bool)
+    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros(5), x, feats, mask)["params"]
+    params = jax.tree.map(lambda p: p + 0.05, params)
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    out = flow_prior.sample(model, params, x, feats, mask, keys)
+    np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(flow_prior.sample(model, params, x[:2], feats[:2], mask[:2],
+                                                 keys[:2]), out[:2], atol=1e-6)
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+
+
+def test_flow_matching_learns_a_conditional_distribution():
+    """Two conditions, each with its own target vector: after training, samples land near the
+    right target (cosine > 0.9), which a broken loss or sampler would not achieve."""
+    import optax
+    d = 8
+    model = flow_prior.FlowPrior(flow_prior.PriorConfig(embed_dim=d, token_dim=4, width=64,
+                                                        depth=2, sample_steps=16))
+    targets = jnp.eye(d)[:2]
+    conds = jnp.eye(d)[2:4]
+    feats, mask = jnp.zeros((64, 3, 4)), jnp.ones((64, 3), bool)
+    params = model.init(jax.random.PRNGKey(0), targets[:1], jnp.zeros(1), conds[:1],
+                        feats[:1], mask[:1])["params"]
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, rng):
+        which = jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5, (64,)).astype(int)
+        loss, g = jax.value_and_grad(lambda p: flow_prior.flow_matching_loss(
+            model, p, targets[which], conds[which], feats, mask, rng))(params)
+        u, opt = tx.update(g, opt)
+        return optax.apply_updates(params, u), opt, loss
+
+    for i in range(300):
+        params, opt, loss = step(params, opt, jax.random.PRNGKey(i))
+    keys = jax.random.split(jax.random.PRNGKey(99), 8)
+    which = np.array([0, 1] * 4)
+    out = flow_prior.sample(model, params, conds[which], feats[:8], mask[:8], keys)
+    cos = np.sum(np.asarray(out) * np.asarray(targets[which]), -1)
+    assert cos.min() > 0.9, cos
+
+
+def run_sample(*args, cwd=ROOT):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_sample_cli_end_to_end(tmp_path, model_file):
+    out = tmp_path / "grid.png"
+    r = run_sample("a large red circle in the top left", "a blue star", "--num", "3",
+                   "--seed", "4", "--checkpoint", model_file, "--out", str(out), "--scale", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    with Image.open(out) as im:
+        assert im.text["seed"] == "4" and im.text["model"] == model_file
+        assert "a blue star" in im.text["prompt"]
+        assert im.size == ((3 * 18 + 2) * 2, (2 * 18 + 2) * 2)
+    # The image modes read a picture the user gives.
+    src = tmp_path / "src.png"
+    Image.fromarray(np.full((40, 50, 4), 200, np.uint8)).save(src)  # RGBA, not square
+    for extra in (["--variations", str(src)], ["--interpolate", str(src), str(src)],
+                  ["--edit", str(src), "--from", "red", "--to", "blue"]):
+        r = run_sample(*extra, "--checkpoint", model_file, "--out", str(tmp_path / "x.png"))
+        assert r.returncode == 0, (extra, r.stderr)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say what to draw"),
+    (["   "], "empty"),
+    (["a red circle", "--checkpoint", "/no/such/model.npz"], "no model file"),
+    (["--variations", "/etc/hostname"], "cannot read"),
+    (["--variations", "/no/such.png"], "no such image"),
+    (["--edit", "x.png"], "--from"),
+    (["a red circle", "--num", "0"], "--num"),
+    (["a red circle", "--out", "/proc/forbidden/x.png"], "cannot write"),
+])
+def test_sample_cli_bad_input_is_one_line(args, message, model_file):
+    if "--checkpoint" not in args:
+        args = [*args, "--checkpoint", model_file]
+    r = run_sample(*args)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
+def test_images_load_any_mode(tmp_path):
+    cases = {"rgba.png": Image.new("RGBA", (20, 10), (255, 0, 0, 0)),
+             "grey.png": Image.new("L", (10, 10), 128),
+             "pal.png": Image.new("P", (10, 10), 3),
+             "cmyk.jpg": Image.new("CMYK", (10, 10), (0, 255, 255, 0)),
+             "deep.png": Image.new("I;16", (10, 10), 65535)}
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        out = images_lib.load_image(str(tmp_path / name), 8)
+        assert out.shape == (8, 8, 3) and out.dtype == np.uint8, name
+    assert (images_lib.load_image(str(tmp_path / "rgba.png"), 8) == 255).all()  # over white
+    assert (images_lib.load_image(str(tmp_path / "deep.png"), 8) == 255).all()
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(images_lib.ImageError):
+        images_lib.load_image(str(tmp_path / "empty.png"), 8)
