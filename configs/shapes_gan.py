@@ -39,17 +39,20 @@ def get_config():
     c.export_dtype = "float32"  # "bfloat16" halves the model file
     c.clip = _clip_config()
 
-    c.prior = _common("prior", total_steps=1500, global_batch=256, lr=1e-3, ema_decay=0.999)
+    c.prior = _common("prior", total_steps=1500, global_batch=256, lr=1e-3, ema_decay=0.99)
     c.prior.model = dict(width=256, depth=4, sample_steps=32)
     c.prior.eval_every = 500
     c.prior.eval = dict(num_examples=1000, use_ema=True)
 
-    c.decoder = _common("gan", total_steps=3000, global_batch=64, lr=2e-3, ema_decay=0.995)
+    # 2,500 steps of 64: about 40 minutes at the ~70 images/s this CPU trains it (benchmarks).
+    c.decoder = _common("gan", total_steps=2500, global_batch=64, lr=2e-3, ema_decay=0.995)
     c.decoder.optim.b1 = 0.0  # StyleGAN2's Adam betas (0, 0.99)
     c.decoder.model = dict(z_dim=32, w_dim=128, mapping_layers=2,
-                           channels=(128, 128, 64, 32), d_channels=(32, 64, 128, 128),
+                           channels=(64, 64, 32, 16), d_channels=(16, 32, 64, 128),
                            noise=True, cross_attention_res=(), condition="image")
-    c.decoder.loss = dict(augment="", clip_weight=0.0, matching_weight=1.0, r1_gamma=0.1,
+    # R1 is off here: its double backward through the discriminator costs ~40 ordinary steps on
+    # this CPU, and the L1 term already keeps the game from drifting. r1_gamma > 0 turns it on.
+    c.decoder.loss = dict(augment="", clip_weight=0.0, matching_weight=1.0, r1_gamma=0.0,
                           r1_interval=16, reconstruction_weight=10.0)
     c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=300, use_ema=True)

@@ -154,8 +154,8 @@ def test_flow_prior_sampling_is_per_key_and_unit_norm():
                                                         depth=1, sample_steps=3))
     x = jnp.ones((5, 8)) / np.sqrt(8)
     feats, mask = jnp.ones((5, 6, 4)), jnp.ones((5, 6), bool)
-    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros(5), x, feats, mask)["params"]
-    params = jax.tree.map(lambda p: p + 0.05, params)
+    params = flow_prior.init(model, jax.random.PRNGKey(0), 6)
+    params["net"] = jax.tree.map(lambda p: p + 0.05, params["net"])
     keys = jax.random.split(jax.random.PRNGKey(1), 5)
     out = flow_prior.sample(model, params, x, feats, mask, keys)
     np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), 1.0, atol=1e-5)
@@ -174,8 +174,8 @@ def test_flow_matching_learns_a_conditional_distribution():
     targets = jnp.eye(d)[:2]
     conds = jnp.eye(d)[2:4]
     feats, mask = jnp.zeros((64, 3, 4)), jnp.ones((64, 3), bool)
-    params = model.init(jax.random.PRNGKey(0), targets[:1], jnp.zeros(1), conds[:1],
-                        feats[:1], mask[:1])["params"]
+    params = flow_prior.init(model, jax.random.PRNGKey(0), 3, embed_mean=jnp.full(d, 0.1),
+                             embed_std=jnp.full(d, 0.5))
     tx = optax.adam(3e-3)
     opt = tx.init(params)
 
@@ -189,6 +189,8 @@ def test_flow_matching_learns_a_conditional_distribution():
 
     for i in range(300):
         params, opt, loss = step(params, opt, jax.random.PRNGKey(i))
+    np.testing.assert_array_equal(params["embed_mean"], np.float32(0.1))  # never trained
+    np.testing.assert_array_equal(params["embed_std"], 0.5)
     keys = jax.random.split(jax.random.PRNGKey(99), 8)
     which = np.array([0, 1] * 4)
     out = flow_prior.sample(model, params, conds[which], feats[:8], mask[:8], keys)

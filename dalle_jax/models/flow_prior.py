@@ -5,8 +5,12 @@ what the caption leaves open (where the shape sits, the background) is drawn afr
 Here the sampler is a rectified flow (Liu et al. 2022; Lipman et al. 2023): a residual MLP
 predicts the velocity x1 - x0 along the straight path x_t = (1 - t) x0 + t x1 from Gaussian
 noise x0 to the image embedding x1 (scaled to unit variance per dimension), conditioned on the
-text embedding, the mean of the caption's token features and t. Sampling integrates the ODE
-with a fixed number of Euler steps; the sampled vector is L2-normalised like any CLIP embedding.
+text embedding, the mean of the caption's token features and t. The flow runs in standardised
+coordinates: CLIP image vectors of one dataset fill a narrow cone, so each dimension is shifted
+by its mean and scaled by its spread over the training images (`embed_mean`, `embed_std` beside
+the network's parameters `net`: set from data by the training task and never trained, like
+DALL-E 2's prior's scaling of the embeddings). Sampling integrates the ODE with a fixed number of Euler steps; the sampled
+vector is mapped back and L2-normalised like any CLIP embedding.
 
 Flow matching rather than an adversarial prior: it is a plain regression loss (stable on a
 few thousand steps), and its samples cover the caption's freedoms instead of collapsing to the
@@ -76,17 +80,33 @@ class FlowPrior(nn.Module):
         return nn.Dense(c.embed_dim, kernel_init=nn.initializers.zeros)(nn.LayerNorm()(x))
 
 
+def init(model: FlowPrior, rng, context_length: int, embed_mean=None, embed_std=None):
+    """{"net": network parameters, "embed_mean", "embed_std": the standardisation}."""
+    c = model.config
+    x = jnp.zeros((1, c.embed_dim))
+    net = model.init(rng, x, jnp.zeros((1,)), x, jnp.zeros((1, context_length, c.token_dim)),
+                     jnp.ones((1, context_length), bool))["params"]
+    return {"net": net,
+            "embed_mean": jnp.zeros(c.embed_dim) if embed_mean is None else jnp.asarray(embed_mean),
+            "embed_std": jnp.ones(c.embed_dim) if embed_std is None else jnp.asarray(embed_std)}
+
+
+def standardise(params, embed):
+    stop = jax.lax.stop_gradient  # statistics of the data, not parameters to learn
+    return (embed - stop(params["embed_mean"])) / stop(params["embed_std"])
+
+
 def flow_matching_loss(model: FlowPrior, params, image_embed, text_embed, token_features,
                        token_mask, rng):
     """Mean squared error of the predicted velocity on the straight noise-to-data path."""
-    b, d = image_embed.shape
+    b = image_embed.shape[0]
     k_t, k_noise = jax.random.split(rng)
-    x1 = image_embed * np.sqrt(d)  # unit-norm embeddings -> unit variance per dimension
+    x1 = standardise(params, image_embed)
     x0 = jax.random.normal(k_noise, x1.shape)
     t = jax.random.uniform(k_t, (b,))
     x_t = (1 - t[:, None]) * x0 + t[:, None] * x1
-    v = model.apply({"params": params}, x_t, t, text_embed, token_features, token_mask)
-    return jnp.mean(jnp.sum(jnp.square(v - (x1 - x0)), axis=-1)) / d
+    v = model.apply({"params": params["net"]}, x_t, t, text_embed, token_features, token_mask)
+    return jnp.mean(jnp.square(v - (x1 - x0)))
 
 
 def sample(model: FlowPrior, params, text_embed, token_features, token_mask, keys,
@@ -102,8 +122,9 @@ def sample(model: FlowPrior, params, text_embed, token_features, token_mask, key
 
     def body(i, x):
         t = jnp.full((x.shape[0],), i * dt)
-        return x + dt * model.apply({"params": params}, x, t, text_embed, token_features,
-                                    token_mask)
+        return x + dt * model.apply({"params": params["net"]}, x, t, text_embed,
+                                    token_features, token_mask)
 
     x = jax.lax.fori_loop(0, steps, body, x)
+    x = x * params["embed_std"] + params["embed_mean"]
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)

@@ -151,12 +151,15 @@ class GANTask:
             # Lazy regularisation: every r1_interval steps, scaled up to the same strength.
             return jax.tree.map(lambda x: x * lc.r1_interval, grads), value
 
-        r1_on = (step % lc.r1_interval) == 0
-        r1, r1_value = jax.lax.cond(
-            r1_on, r1_grads,
-            lambda dp: (jax.tree.map(jnp.zeros_like, dp), jnp.zeros(())),
-            params["discriminator"])
-        d_grads = jax.tree.map(jnp.add, d_grads, r1)
+        if lc.r1_gamma:
+            r1_on = (step % lc.r1_interval) == 0
+            r1, r1_value = jax.lax.cond(
+                r1_on, r1_grads,
+                lambda dp: (jax.tree.map(jnp.zeros_like, dp), jnp.zeros(())),
+                params["discriminator"])
+            d_grads = jax.tree.map(jnp.add, d_grads, r1)
+        else:
+            r1_value = jnp.zeros(())
         grads = {"generator": g_grads, "discriminator": d_grads}
         metrics = {**g_metrics, **d_metrics, "loss": g_loss + d_loss, "g_loss": g_loss,
                    "d_loss": d_loss, "r1": r1_value}

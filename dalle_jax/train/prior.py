@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.data import pipeline
+from dalle_jax.data import pipeline, shapes
 from dalle_jax.models import flow_prior
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
@@ -35,13 +34,20 @@ class PriorTask:
         self.clip_model = clip_family.build_model(clip_config)
         self.frozen = {"clip": clip_params}
         self.model = build_model(config, self.clip_model)
+        self.embed_stats = self._embed_stats()
 
     def init_params(self, rng):
-        c = self.model.config
-        x = jnp.zeros((1, c.embed_dim))
-        tokens = jnp.zeros((1, self.config.data.context_length, c.token_dim))
-        return self.model.init(rng, x, jnp.zeros((1,)), x, tokens,
-                               jnp.ones((1, self.config.data.context_length), bool))["params"]
+        mean, std = self.embed_stats
+        return flow_prior.init(self.model, rng, self.config.data.context_length, mean, std)
+
+    def _embed_stats(self, count: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and spread of the frozen CLIP's image vectors over training
+        pictures (a fixed stretch of the stream, far past what early steps read)."""
+        d = self.config.data
+        images, _ = shapes.examples(range(10 ** 9, 10 ** 9 + count), split="train",
+                                    seed=d.seed, size=d.image_size)
+        embed = clip_family.embed_images(self.clip_model, self.frozen["clip"], images)
+        return embed.mean(0), embed.std(0) + 1e-4
 
     def grad_fn(self, params, batch, rng, frozen, step):
         del step
