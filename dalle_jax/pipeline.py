@@ -92,7 +92,10 @@ class Pipeline:
         g = configs["decoder"]["model"]
         self.gan_config = gan_lib.GANConfig(
             resolution=self.image_size, cond_dim=cc.embed_dim, z_dim=g["z_dim"],
-            w_dim=g["w_dim"], mapping_layers=g["mapping_layers"], channels=tuple(g["channels"]),
+            w_dim=g["w_dim"], mapping_layers=g["mapping_layers"],
+            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
+            input_from_w=g.get("input_from_w", False),
+            channels=tuple(g["channels"]),
             d_channels=tuple(g["d_channels"]), noise=g["noise"],
             cross_attention_res=tuple(g["cross_attention_res"]), token_dim=cc.text_width)
         self.condition = g.get("condition", "image")
@@ -160,13 +163,17 @@ class Pipeline:
     # ---- pictures out -------------------------------------------------------------------
 
     def generate(self, prompts: list[str], num_per_prompt: int = 1, seed: int = 0,
-                 truncation: float = 1.0) -> np.ndarray:
-        """num_per_prompt pictures per prompt, prompt-major: [len(prompts) * num, H, W, 3]."""
+                 truncation: float = 1.0, use_prior: bool = True) -> np.ndarray:
+        """num_per_prompt pictures per prompt, prompt-major: [len(prompts) * num, H, W, 3].
+
+        `use_prior=False` decodes the text vector itself as if it were an image vector (no
+        prior), the baseline the prior is measured against."""
         tokens = self.tokenize(prompts)
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_per_prompt)]
         keys = picture_keys(seed, rows)
         idx = np.asarray([i for i, _ in rows], np.int64)
-        return self._chunked(self._generate_fn, tokens[idx], keys,
+        fn = self._generate_fn if use_prior else self._generate_without_prior_fn
+        return self._chunked(fn, tokens[idx], keys,
                              np.full((len(rows),), truncation, np.float32))[0]
 
     def variations(self, images, num: int = 4, seed: int = 0,
@@ -232,10 +239,17 @@ class Pipeline:
 
     @functools.cached_property
     def _generate_fn(self):
+        return self._make_generate(use_prior=True)
+
+    @functools.cached_property
+    def _generate_without_prior_fn(self):
+        return self._make_generate(use_prior=False)
+
+    def _make_generate(self, use_prior: bool):
         def fn(p, tokens, keys, truncation):
             text_embed, features, mask = self._encode_text(p, tokens)
             prior_keys, decoder_keys = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
-            if self.condition == "text":
+            if self.condition == "text" or not use_prior:
                 cond = text_embed
             else:
                 cond = flow_prior.sample(self.prior, p["prior"], text_embed, features, mask,

@@ -49,6 +49,10 @@ class GANConfig:
     d_channels: tuple[int, ...] = (64, 128, 256, 256)
     noise: bool = True
     cross_attention_res: tuple[int, ...] = ()  # e.g. (8,) as in GigaGAN
+    # Add a projection of w to the 4x4 input (as a DCGAN/BigGAN generator starts), so that
+    # where things go depends on the condition from the first layer, not only on which
+    # channels of the constant the styles switch on.
+    input_from_w: bool = False
     token_dim: int = 128       # width of the caption's token features
     mbstd_group: int = 4
 
@@ -227,6 +231,9 @@ class SynthesisNetwork(nn.Module):
         b = w.shape[0]
         const = self.param("const", nn.initializers.normal(1.0), (4, 4, c.channels[0]))
         x = jnp.broadcast_to(const.astype(self.dtype), (b, 4, 4, c.channels[0]))
+        if c.input_from_w:
+            x = x + EqualizedDense(16 * c.channels[0], name="input_from_w")(w).reshape(
+                b, 4, 4, c.channels[0]).astype(self.dtype)
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
         for i in range(levels):

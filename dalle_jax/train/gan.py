@@ -68,6 +68,8 @@ class GANTask:
         self.gan_config = gan_lib.GANConfig(
             resolution=config.data.image_size, cond_dim=self.clip_model.config.embed_dim,
             z_dim=g.z_dim, w_dim=g.w_dim, mapping_layers=g.mapping_layers,
+            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
+            input_from_w=g.get("input_from_w", False),
             channels=tuple(g.channels), d_channels=tuple(g.d_channels), noise=g.noise,
             cross_attention_res=tuple(g.cross_attention_res),
             token_dim=self.clip_model.config.text_width)
@@ -110,7 +112,8 @@ class GANTask:
             fake = self.generator.apply({"params": gp}, z, cond, k_noise, token_features, mask)
             adversarial = jax.nn.softplus(-D(params["discriminator"], augment(fake, k_aug_g),
                                               cond)).mean()
-            loss, metrics = adversarial, {"g_adversarial": adversarial}
+            loss = lc.get("adversarial_weight", 1.0) * adversarial
+            metrics = {"g_adversarial": adversarial}
             if lc.get("reconstruction_weight", 0.0):
                 l1 = jnp.abs(fake - real).mean()
                 loss = loss + lc.get("reconstruction_weight") * l1
