@@ -111,3 +111,25 @@ def known_tokens(meta: dict, path: str) -> set[int] | None:
     """Token ids whose embedding rows were kept (None: all of them)."""
     sparse = meta.get("sparse", {}).get(path)
     return None if sparse is None else set(sparse["ids"])
+
+
+def convert(src: str, dst: str, dtype: str = "bfloat16"):
+    """Rewrites a model file with its floating-point arrays in `dtype` (sparse rows kept)."""
+    meta, params = load(src)
+    keep = {k: np.asarray(v["ids"]) for k, v in meta.get("sparse", {}).items()}
+    export(dst, meta["configs"], params, dtype, keep)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m dalle_jax.bundle",
+                                     description="Rewrite a model file in another precision.")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    try:
+        convert(args.src, args.dst, args.dtype)
+    except BundleError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{args.dst}: {os.path.getsize(args.dst) / 2 ** 20:.1f} MiB")

@@ -54,7 +54,8 @@ def run_steps(config, workdir, steps=2):
 def test_gan_step_updates_both_players_and_applies_lazy_r1(tmp_path):
     params, history = run_steps(gan_config(), tmp_path, steps=2)
     first = history[0]
-    for key in ("g_loss", "d_loss", "d_real", "d_fake", "d_mismatch", "clip_cosine", "r1", "l1"):
+    for key in ("g_loss", "d_loss", "d_real", "d_fake", "d_mismatch", "clip_cosine", "r1",
+                "reconstruction"):
         assert np.isfinite(first[key]), key
     assert first["r1"] > 0 and history[1]["r1"] == 0  # step 0 regularises, step 1 does not
     init = gan_family.GANTask(gan_config(), *clip_parts()).init_params(

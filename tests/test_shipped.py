@@ -32,13 +32,19 @@ def test_shipped_file_is_small_and_versioned():
 
 
 def test_shipped_model_draws_one_object_prompts(pipe):
-    """On 128 eval captions the shipped model's one-object adherence stays near what was
-    measured at release (benchmarks/RESULTS.md); a broken load, a changed module or a wrong
-    key schedule would draw something else."""
+    """On 128 eval captions the shipped model still draws what it drew at release
+    (benchmarks/RESULTS.md: on 300 captions the background was right 94% of the time and the
+    position 89%); a broken load, a changed module or a wrong key schedule would not."""
     _, captions = shapes.examples(range(128), split="eval", seed=0, size=32)
     pictures = pipe.generate(captions, seed=0)
-    summary = adherence.summary(adherence.score_batch(pictures, captions), captions)
-    assert summary["one_object_seen"] >= MIN_SEEN, summary
+    checks = {}
+    for result, caption in zip(adherence.score_batch(pictures, captions), captions):
+        if len(shapes.parse_caption(caption).objects) == 1:
+            for name, ok in result.checks.items():
+                checks.setdefault(name, []).append(ok)
+    rates = {k: float(np.mean(v)) for k, v in checks.items()}
+    assert rates["background"] >= 0.85 and rates["position"] >= 0.75, rates
+    assert rates["colour"] >= 0.4, rates
 
 
 def test_sample_py_with_the_shipped_model(tmp_path):
@@ -53,7 +59,10 @@ def test_sample_py_with_the_shipped_model(tmp_path):
         assert im.text["prompt"] == "a large red circle in the top left"
         assert im.text["model"].endswith("shapes_gan.npz")
         grid = np.asarray(im.convert("RGB"))
-    # The four pictures are red things on a light background in the top-left region, as the
-    # prompt asks: read the first one back with the adherence scorer.
-    first = grid[8:8 + 128:4, 8:8 + 128:4]
-    assert adherence.analyse(first)["objects"], "nothing drawn"
+    # Four pictures of 32 px, enlarged 4x with a 2 px border: something is drawn in the top
+    # left of each, as the prompt asks.
+    for k in range(4):
+        x0 = 8 + k * 34 * 4
+        picture = grid[8:8 + 128:4, x0:x0 + 128:4]
+        objects = adherence.analyse(picture)["objects"]
+        assert objects and objects[0]["position"] == "in the top left", (k, objects)

@@ -9,8 +9,8 @@ text embedding, the mean of the caption's token features and t. The flow runs in
 coordinates: CLIP image vectors of one dataset fill a narrow cone, so each dimension is shifted
 by its mean and scaled by its spread over the training images (`embed_mean`, `embed_std` beside
 the network's parameters `net`: set from data by the training task and never trained, like
-DALL-E 2's prior's scaling of the embeddings). Sampling integrates the ODE with a fixed number of Euler steps; the sampled
-vector is mapped back and L2-normalised like any CLIP embedding.
+DALL-E 2's prior's scaling of the embeddings). Sampling integrates the ODE with a fixed number
+of Euler steps; the sampled vector is mapped back and L2-normalised like any CLIP embedding.
 
 Flow matching rather than an adversarial prior: it is a plain regression loss (stable on a
 few thousand steps), and its samples cover the caption's freedoms instead of collapsing to the
@@ -53,7 +53,8 @@ class ResidualBlock(nn.Module):
         h = nn.LayerNorm()(x)
         # Adaptive scale and shift from the condition (FiLM), zero-initialised so every block
         # starts as the identity.
-        scale, shift = jnp.split(nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros)(cond), 2, -1)
+        film = nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros)(cond)
+        scale, shift = jnp.split(film, 2, axis=-1)
         h = h * (1 + scale) + shift
         h = nn.Dense(2 * self.width)(h)
         h = nn.gelu(h)
