@@ -59,7 +59,7 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--out", default="samples.png", help="the grid PNG to write")
     parser.add_argument("--checkpoint", help="a model file (workdir/model.npz of a training "
                         "run); default: the model shipped in the package")
-    parser.add_argument("--generator", default="gan", help="gan (unclip comes with issue 4)")
+    parser.add_argument("--generator", default="gan", help="gan (the only generator so far)")
     parser.add_argument("--truncation", type=float, default=1.0,
                         help="1 = full diversity; smaller pulls toward each prompt's mean")
     parser.add_argument("--scale", type=int, default=4, help="enlarge the grid this many times")
@@ -82,6 +82,8 @@ def sample_main(argv=None) -> int:
         return _fail("--edit needs --from TEXT and --to TEXT")
     if args.num < 1 or args.num > 1024:
         return _fail(f"--num must be between 1 and 1024, not {args.num}")
+    if not 1 <= args.scale <= 32:
+        return _fail(f"--scale must be between 1 and 32, not {args.scale}")
     if not 0.0 <= args.amount <= 1.0:
         return _fail(f"--amount must be between 0 and 1, not {args.amount}")
     if not 0.0 <= args.truncation <= 2.0:
