@@ -68,25 +68,33 @@ def _encoders(model):
     return image, text
 
 
-def _batched(fn, params, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Applies `fn` in fixed-size chunks (padding the last) so it compiles once."""
-    out = []
-    for i in range(0, len(x), chunk):
-        part = x[i:i + chunk]
-        n = len(part)
-        if n < chunk:
-            part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-        out.append(np.asarray(fn(params, part))[:n])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+def batched(fn, *arrays, chunk: int = 256):
+    """`fn(*chunk_of_each_array)` over fixed-size chunks (the last padded by repeating its
+    final row), so `fn` compiles once; returns the outputs concatenated, padding dropped (a
+    tuple when `fn` returns one)."""
+    n = len(arrays[0])
+    outs = []
+    for start in range(0, n, chunk):
+        part = [a[start:start + chunk] for a in arrays]
+        m = len(part[0])
+        if m < chunk:
+            part = [np.concatenate([a, np.repeat(a[-1:], chunk - m, 0)]) for a in part]
+        out = fn(*part)
+        outs.append([np.asarray(o)[:m] for o in (out if isinstance(out, tuple) else (out,))])
+    if not outs:
+        return np.zeros((0,), np.float32)
+    result = tuple(np.concatenate(parts) for parts in zip(*outs))
+    return result if len(result) > 1 else result[0]
 
 
 def embed_images(model, params, images_uint8: np.ndarray) -> np.ndarray:
-    return _batched(_encoders(model)[0], params, pipeline.to_float_images(images_uint8))
+    return batched(functools.partial(_encoders(model)[0], params),
+                   pipeline.to_float_images(images_uint8))
 
 
 def embed_texts(model, params, captions: list[str], context_length: int) -> np.ndarray:
     tokens = Tokenizer()(captions, context_length=context_length)
-    return _batched(_encoders(model)[1], params, tokens)
+    return batched(functools.partial(_encoders(model)[1], params), tokens)
 
 
 def _is_held_out(parsed) -> bool:

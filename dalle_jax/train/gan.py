@@ -17,6 +17,7 @@ jitted step.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -197,15 +198,10 @@ class GANTask:
         if not hasattr(self, "_render"):
             self._render = jax.jit(self.render)
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), n))
-        out, chunk = [], 100
-        for i in range(0, n, chunk):
-            m = len(captions[i:i + chunk])
-            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], chunk - m, 0)]) if m < chunk else x
-            fake = self._render(params["generator"], self.frozen["clip"],
-                                pad(pipeline.to_float_images(images[i:i + chunk])),
-                                pad(tokens[i:i + chunk]), pad(keys[i:i + chunk]))
-            out.append(pipeline.to_uint8_images(fake)[:m])
-        fakes = np.concatenate(out)
+        fake = clip_family.batched(
+            functools.partial(self._render, params["generator"], self.frozen["clip"]),
+            pipeline.to_float_images(images), tokens, keys, chunk=100)
+        fakes = pipeline.to_uint8_images(fake)
         results = adherence.summary(adherence.score_batch(fakes, captions), captions)
         workdir = getattr(self, "workdir", None)
         if workdir and jax.process_index() == 0:

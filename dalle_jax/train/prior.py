@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -71,18 +73,10 @@ def prior_cosine(model, params, clip_model, clip_params, data_config, num_exampl
     images, captions = pipeline.eval_examples("eval", data_config.seed, data_config.image_size,
                                               num_examples)
     tokens = Tokenizer()(captions, context_length=data_config.context_length)
-    fn = _sampler(model, clip_model)
-    sampled, true, text = [], [], []
-    chunk = 200
-    for i in range(0, len(captions), chunk):
-        n = len(captions[i:i + chunk])
-        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], chunk - n, 0)]) if n < chunk else x
-        keys = jax.random.split(jax.random.PRNGKey(seed), len(captions))[i:i + chunk]
-        s, t, x = fn(params, clip_params, pad(pipeline.to_float_images(images[i:i + chunk])),
-                     pad(tokens[i:i + chunk]), pad(np.asarray(keys)))
-        sampled.append(np.asarray(s)[:n]), true.append(np.asarray(t)[:n])
-        text.append(np.asarray(x)[:n])
-    sampled, true, text = map(np.concatenate, (sampled, true, text))
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), len(captions)))
+    sampled, true, text = clip_family.batched(
+        functools.partial(_sampler(model, clip_model), params, clip_params),
+        pipeline.to_float_images(images), tokens, keys, chunk=200)
     return {"prior_cosine": float(np.mean(np.sum(sampled * true, -1))),
             "text_as_image_cosine": float(np.mean(np.sum(text * true, -1)))}
 
