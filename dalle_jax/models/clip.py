@@ -6,7 +6,9 @@ blocks with QuickGELU MLPs, a causal text Transformer pooled at the end-of-text 
 a class token pooled after a final LayerNorm, bias-free projections and a learnable temperature.
 Parameter names follow the paper's roles so that published weights map onto them one to one.
 
-Usage: `CLIP(variant="B/16")` or `CLIP(variant="tiny", image_size=32)`.
+Usage: `CLIP(variant="B/16")` or `CLIP(variant="tiny", image_size=32)`. A variant may change
+fields of a named one, `"B/16,vision_layers=2,activation=gelu"`: that is how an imported
+checkpoint whose shapes match no named variant (`dalle_jax.clip_import`) is named in a config.
 """
 
 from __future__ import annotations
@@ -58,16 +60,57 @@ class CLIPConfig:
     text_heads: int
     # (channels, stride, kernel) of convolutions before the patch embedding; () is OpenAI's ViT.
     conv_stem: tuple[tuple[int, int, int], ...] = ()
+    # The MLP's nonlinearity: OpenAI's QuickGELU, or the exact GELU of OpenCLIP's non-"quickgelu"
+    # models and of Hugging Face configs with hidden_act="gelu".
+    activation: str = "quick_gelu"
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> "CLIPConfig":
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown CLIP variant {variant!r}; valid: {', '.join(VARIANTS)}")
-        return cls(**{**VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}})
+        """A named variant, optionally followed by ",field=value" changes; `overrides` (None
+        values ignored) apply last."""
+        name, *changes = [part.strip() for part in variant.split(",")]
+        if name not in VARIANTS:
+            raise ValueError(f"unknown CLIP variant {name!r}; valid: {', '.join(VARIANTS)}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"conv_stem"}
+        values = dict(VARIANTS[name])
+        for change in changes:
+            key, _, text = change.partition("=")
+            key = key.strip()
+            if key not in fields or not text.strip():
+                raise ValueError(f"bad CLIP variant change {change!r} in {variant!r}; write "
+                                 f"field=value with a field among: {', '.join(sorted(fields))}")
+            text = text.strip()
+            values[key] = int(text) if text.lstrip("-").isdigit() else text
+        config = cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown CLIP activation {config.activation!r}; valid: "
+                             f"{', '.join(ACTIVATIONS)}")
+        return config
+
+    def as_variant(self) -> str:
+        """The shortest variant string that `from_variant` turns back into this config (with
+        image_size and context_length, which configs set apart, given as overrides)."""
+        best = None
+        for name, values in VARIANTS.items():
+            base = CLIPConfig(**values)
+            if base.conv_stem != self.conv_stem:
+                continue
+            changes = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                       if f.name not in ("image_size", "context_length", "conv_stem")
+                       and getattr(self, f.name) != getattr(base, f.name)]
+            if best is None or len(changes) < len(best) - 1:
+                best = [name, *changes]
+        if best is None:
+            raise ValueError("no named CLIP variant has this convolutional stem")
+        return ",".join(best)
 
 
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu,
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 class MultiHeadAttention(nn.Module):
@@ -96,6 +139,7 @@ class ResidualBlock(nn.Module):
     num_heads: int
     causal: bool = False
     dtype: Any = jnp.float32
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x):
@@ -106,7 +150,8 @@ class ResidualBlock(nn.Module):
         y = nn.Dense(4 * d, dtype=self.dtype, name="c_fc",
                      kernel_init=nn.initializers.normal((2 * d) ** -0.5))(y)
         y = nn.Dense(d, dtype=self.dtype, name="c_proj",
-                     kernel_init=nn.initializers.normal(d ** -0.5))(quick_gelu(y))
+                     kernel_init=nn.initializers.normal(d ** -0.5))(
+            ACTIVATIONS[self.activation](y))
         return x + y
 
 
@@ -116,12 +161,14 @@ class Transformer(nn.Module):
     causal: bool = False
     remat: bool = False
     dtype: Any = jnp.float32
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x):
         block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
         for i in range(self.num_layers):
-            x = block(self.num_heads, self.causal, self.dtype, name=f"block_{i}")(x)
+            x = block(self.num_heads, self.causal, self.dtype, self.activation,
+                      name=f"block_{i}")(x)
         return x
 
 
@@ -141,7 +188,7 @@ class TextTransformer(nn.Module):
                          (c.context_length, c.text_width))
         x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
         x = Transformer(c.text_layers, c.text_heads, causal=True, remat=self.remat,
-                        dtype=self.dtype, name="transformer")(x)
+                        dtype=self.dtype, activation=c.activation, name="transformer")(x)
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final")(x)
         # Pool at the end-of-text token; truncation keeps it last, so every row has one.
         eot = jnp.argmax(tokens == EOT_TOKEN, axis=-1)
@@ -183,7 +230,7 @@ class VisionTransformer(nn.Module):
         x = (x + pos).astype(self.dtype)
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_pre")(x)
         x = Transformer(c.vision_layers, c.vision_heads, remat=self.remat, dtype=self.dtype,
-                        name="transformer")(x)
+                        activation=c.activation, name="transformer")(x)
         pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_post")(x[:, 0])
         embed = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
                          kernel_init=nn.initializers.normal(w ** -0.5))(pooled)

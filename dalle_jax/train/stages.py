@@ -37,10 +37,19 @@ def _params(state, config):
     return state.ema_params if config.eval.use_ema else state.params
 
 
+def frozen_clip(config, workdir: str):
+    """The CLIP the later stages stand on: imported when `clip.import_from` names a directory
+    written by `python -m dalle_jax.clip_import`, else trained by the `clip` stage."""
+    if config.clip.get("import_from"):
+        from dalle_jax import clip_import
+        return clip_import.frozen_params(config.clip)
+    clip_state = loop.train_and_evaluate(config.clip, os.path.join(workdir, "clip"))
+    return _params(clip_state, config.clip)
+
+
 def run(config, workdir: str) -> str:
     """Trains every stage (resuming), exports the model file; returns its path."""
-    clip_state = loop.train_and_evaluate(config.clip, os.path.join(workdir, "clip"))
-    clip_params = _params(clip_state, config.clip)
+    clip_params = frozen_clip(config, workdir)
     prior_task = build_task(config.prior, clip_params, config.clip)
     prior_state = loop.train_and_evaluate(config.prior, os.path.join(workdir, "prior"),
                                           task=prior_task)
@@ -71,7 +80,8 @@ def export(path: str, config, clip_params, prior_params, generator_params,
     params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
               "generator": jax.device_get(generator_params)}
     keep = None
-    if config.clip.data.name == "shapes":
+    # Only a CLIP trained on shapes has rows that never moved; an imported one uses them all.
+    if config.clip.data.name == "shapes" and not config.clip.get("import_from"):
         keep = {"clip/text/token_embedding/embedding":
                 shapes_vocabulary(config.clip.data.context_length)}
     bundle.export(path, configs, params, dtype or config.get("export_dtype", "float32"), keep)
