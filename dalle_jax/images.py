@@ -1,12 +1,15 @@
-"""Pictures in and out: grids, PNGs with metadata, and reading a user's image safely."""
+"""Pictures in and out: grids, PNGs with metadata, and reading an image safely (a user's file
+or a dataset member's bytes), whatever its mode, orientation or state of repair."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import struct
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # Refuse decompression bombs early (Pillow warns at 89 MP and raises at twice that).
 MAX_PIXELS = 64 * 1024 * 1024
@@ -14,6 +17,14 @@ MAX_PIXELS = 64 * 1024 * 1024
 
 class ImageError(ValueError):
     """An image that cannot be read or written. Its message is one line, for the user."""
+
+
+class EmptyImageError(ImageError):
+    """A zero-byte image file."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image with more than MAX_PIXELS pixels (a decompression bomb, or just too big)."""
 
 
 def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -56,25 +67,66 @@ def load_image(path: str, size: int) -> np.ndarray:
     RGB (transparency over white), centre-cropped to a square and resized. Raises ImageError."""
     if not os.path.isfile(path):
         raise ImageError(f"no such image file: {path}")
+    return square_crop(open_rgb(path), size)
+
+
+def decode_image(data: bytes, size: int, offset: float = 0.5, name: str = "image") -> np.ndarray:
+    """Encoded image bytes (a dataset member) as uint8 [size, size, 3], converted as
+    `load_image` does; the square is cut at `offset` along the longer side (0.5: the centre).
+    JPEGs are decoded at a reduced scale (DCT scaling) when they are at least twice `size`,
+    which makes large photographs several times cheaper to read. Raises ImageError."""
+    if not data:
+        raise EmptyImageError(f"{name} is empty (0 bytes)")
+    return square_crop(open_rgb(io.BytesIO(data), name, draft=size), size, offset)
+
+
+def open_rgb(source, name: str | None = None, draft: int | None = None) -> Image.Image:
+    """A path or binary file as a decoded RGB picture: EXIF rotation applied, transparency
+    composited over white, 16-bit scaled to 8, palette/grey/CMYK converted. Pictures over
+    MAX_PIXELS are refused before decoding (ImageTooLargeError); anything unreadable or
+    truncated is an ImageError. `draft` lets a JPEG decoder shrink by 2, 4 or 8 as long as
+    both sides stay at least `draft` pixels."""
+    name = name or str(source)
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path} is {im.width}x{im.height}, larger than we read")
+                raise ImageTooLargeError(f"{name} is {im.width}x{im.height}, larger than we read")
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
-            if im.mode == "I;16" or im.mode.startswith("I"):
-                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if im.mode.startswith("I"):  # 16- and 32-bit integer greys
+                im = Image.fromarray(
+                    (np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
             im = im.convert("RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side))
-            im = im.resize((size, size), Image.BOX if side >= size else Image.BICUBIC)
-            return np.asarray(im, np.uint8)
+            im.load()
+            return im
     except ImageError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageError(f"cannot read {path} as an image: {str(e).splitlines()[0][:200]}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"cannot read {name} as an image: not a known image format") from e
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name} is too large to read: "
+                                 f"{str(e).splitlines()[0][:200]}") from e
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError,
+            KeyError, ZeroDivisionError) as e:
+        # Pillow's plug-ins raise all of these on malformed files (struct.error, IndexError and
+        # KeyError from damaged headers and EXIF blocks); none may escape as a traceback.
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ImageError(f"cannot read {name} as an image: {reason}") from e
+
+
+def square_crop(im: Image.Image, size: int, offset: float = 0.5) -> np.ndarray:
+    """The largest square of `im` at `offset` along its longer side (0: left or top, 1: right or
+    bottom), resized to uint8 [size, size, 3]. Cropping before resizing equals resizing the
+    shorter side to `size` and cropping after, without ever holding the long resized strip."""
+    side = min(im.size)
+    left = int(round((im.width - side) * offset))
+    top = int(round((im.height - side) * offset))
+    im = im.crop((left, top, left + side, top + side))
+    im = im.resize((size, size), Image.BOX if side >= size else Image.BICUBIC)
+    return np.asarray(im, np.uint8)
