@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 
 FORMAT_VERSION = 1
+# The configs a pipeline of each generator needs (dalle_jax.pipeline builds its models from them).
+SECTIONS = {"gan": ("clip", "prior", "decoder")}
 
 
 class BundleError(ValueError):
@@ -71,12 +73,40 @@ def export(path: str, configs: dict, params: dict, dtype: str = "float32",
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     tmp = f"{path}.tmp.npz"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:  # no half-written file left beside the model (a full disk, ^C)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _describe_directory(path: str) -> str:
+    """Why a directory is not a model file, in the user's terms (one line)."""
+    from dalle_jax.config import saved_meta
+    meta = saved_meta(path)
+    if meta is not None:
+        return (f"{path} is a {meta.get('family')} training run, not a text-to-image model: "
+                "give the model.npz that a pipeline run (train.py --config "
+                "configs/shapes_gan.py) writes in its workdir")
+    if any(os.path.isdir(os.path.join(path, s, "checkpoints")) for s in ("clip", "prior",
+                                                                          "decoder")):
+        return (f"{path} is a pipeline run with no model.npz yet: train.py writes it when the "
+                "last stage finishes (rerun the same command to finish)")
+    if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+        return (f"{path} is one step of a training checkpoint, not a model file: give the "
+                "model.npz in the run's workdir")
+    return f"{path} is a directory, not a model file"
 
 
 def load(path: str) -> tuple[dict, dict]:
-    """(meta, params as float32 numpy arrays). Raises BundleError with one line."""
+    """(meta, params as float32 numpy arrays). `path` is a model file or a training workdir
+    holding one (model.npz). Raises BundleError with one line."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model.npz")):
+            raise BundleError(_describe_directory(path))
+        path = os.path.join(path, "model.npz")
     if not os.path.isfile(path):
         raise BundleError(f"no model file at {path}")
     try:
@@ -84,9 +114,20 @@ def load(path: str) -> tuple[dict, dict]:
             if "__meta__" not in f.files:
                 raise BundleError(f"{path} is not a dalle_jax model (no __meta__ entry)")
             meta = json.loads(bytes(f["__meta__"]).decode())
+            if not isinstance(meta, dict):
+                raise BundleError(f"{path} is not a dalle_jax model (__meta__ is not an object)")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise BundleError(f"{path} has model format {meta.get('format_version')}; this "
                                   f"dalle_jax reads format {FORMAT_VERSION}")
+            if not all(isinstance(meta.get(k), dict) for k in ("configs", "dtypes", "sparse")):
+                raise BundleError(f"{path} is not a dalle_jax model (its __meta__ entry lacks "
+                                  "configs, dtypes or sparse)")
+            generator = meta["configs"].get("generator", "gan")
+            missing = [s for s in SECTIONS.get(generator, ()) if
+                       not isinstance(meta["configs"].get(s), dict)]
+            if missing:
+                raise BundleError(f"{path} is not a whole {generator} pipeline: no "
+                                  f"{', '.join(missing)} config")
             flat = {}
             for k, dt in meta["dtypes"].items():
                 v = f[k]
@@ -132,4 +173,6 @@ if __name__ == "__main__":
         convert(args.src, args.dst, args.dtype)
     except BundleError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.dst}: {e.strerror or e}")
     print(f"{args.dst}: {os.path.getsize(args.dst) / 2 ** 20:.1f} MiB")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -127,31 +128,66 @@ def run(pipe, num: int = 600, seed: int = 0, truncation: float = 1.0) -> tuple[d
         -1, *images.shape[1:]), cols=16)
 
 
+def output_paths(out: str) -> tuple[str, str]:
+    """(report JSON, grid PNG beside it): report.json -> report.png; a report named *.png
+    gets its grid as *.grid.png, never the same file."""
+    root, ext = os.path.splitext(out)
+    return out, (root + ".png" if ext.lower() != ".png" else root + ".grid.png")
+
+
+def _write(out: str, report: dict, grid: np.ndarray):
+    """Both files or neither: the JSON goes to a temporary file first, the grid is written
+    atomically, and only then does the JSON take its name."""
+    report_path, grid_path = output_paths(out)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(report_path)),
+                       f".{os.path.basename(report_path)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        images_lib.save_png(grid_path, grid, {"caption": "eval: real | generated"}, scale=3)
+        os.replace(tmp, report_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dalle_jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a model file; default: the shipped model")
+    parser.add_argument("--checkpoint", help="a model file (or the workdir holding "
+                        "model.npz); default: the shipped model")
     parser.add_argument("--num", type=int, default=600, help="eval captions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truncation", type=float, default=1.0)
-    parser.add_argument("--out", default="report.json")
+    parser.add_argument("--out", default="report.json",
+                        help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
     from dalle_jax import bundle
+    from dalle_jax.cli import one_line, output_problem
     from dalle_jax.pipeline import Pipeline
+    if not 1 <= args.num <= 100_000:
+        return _error(f"--num must be between 1 and 100000, not {args.num}")
+    if not 0.0 <= args.truncation <= 2.0:
+        return _error(f"--truncation must be between 0 and 2, not {args.truncation}")
+    for path in output_paths(args.out):  # before the model runs for minutes
+        problem = output_problem(path)
+        if problem:
+            return _error(one_line(problem))
     try:
         pipe = Pipeline.load(args.checkpoint, batch_size=64)
     except bundle.BundleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(one_line(str(e)))
     report, grid = run(pipe, args.num, args.seed, args.truncation)
     try:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        images_lib.save_png(args.out.rsplit(".", 1)[0] + ".png", grid,
-                            {"caption": "eval: real | generated"}, scale=3)
+        _write(args.out, report, grid)
     except (OSError, images_lib.ImageError) as e:
-        print(f"error: cannot write the report: {e}", file=sys.stderr)
-        return 2
+        return _error(one_line(f"cannot write the report {args.out}: "
+                               f"{getattr(e, 'strerror', None) or e}"))
     print(json.dumps(report, indent=2))
     return 0
 
