@@ -37,4 +37,8 @@ def get_config():
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
     c.progress_bar = True
+    # A non-finite loss or gradient skips its update; after max_consecutive such steps in a row,
+    # "rollback" returns to the newest checkpoint with the learning rate times lr_factor (at
+    # most max_rollbacks times), "stop" ends the run with an error.
+    c.nan_guard = dict(max_consecutive=20, action="rollback", lr_factor=0.5, max_rollbacks=3)
     return ml_collections.ConfigDict(c)

@@ -4,6 +4,7 @@ expected failure into one clear line on stderr with a non-zero exit status."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -29,18 +30,24 @@ def train_main(argv=None) -> int:
     from dalle_jax.checkpoint import CheckpointError
     try:
         config = config_lib.load(args.config, overrides)
+        config_lib.check_workdir(config, args.workdir)
     except config_lib.ConfigError as e:
         return _fail(str(e))
     if args.coordinator or args.num_processes:
         from dalle_jax import sharding
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from dalle_jax.train.loop import TrainingError, train_and_evaluate
+    from dalle_jax.train.loop import Preempted, TrainingError, stop_signals, train_and_evaluate
     try:
-        if config.family == "pipeline":
-            from dalle_jax.train import stages
-            stages.run(config, args.workdir)
-        else:
-            train_and_evaluate(config, args.workdir)
+        # SIGTERM/SIGINT between stages, too, end in a checkpoint and Preempted.
+        with stop_signals.catch():
+            if config.family == "pipeline":
+                from dalle_jax.train import stages
+                stages.run(config, args.workdir)
+            else:
+                train_and_evaluate(config, args.workdir)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return 0
     except (CheckpointError, TrainingError, ValueError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -89,6 +96,11 @@ def sample_main(argv=None) -> int:
     if not 0.0 <= args.truncation <= 2.0:
         return _fail(f"--truncation must be between 0 and 2, not {args.truncation}")
     prompts = [_clean_prompt(p) for p in args.prompt]
+    from_text, to_text = (None if t is None else _clean_prompt(t)
+                          for t in (args.from_text, args.to_text))
+    problem = output_problem(args.out)
+    if problem:  # before minutes of loading and drawing, and before anything is written
+        return _fail(one_line(problem))
 
     import warnings
     from dalle_jax import bundle, images as images_lib
@@ -109,24 +121,70 @@ def sample_main(argv=None) -> int:
                 what = f"interpolation {args.interpolate[0]} -> {args.interpolate[1]}"
             elif args.edit:
                 source = images_lib.load_image(args.edit, s)
-                edited = pipe.edit(source, args.from_text, args.to_text, args.amount, args.seed,
+                edited = pipe.edit(source, from_text, to_text, args.amount, args.seed,
                                    truncation=args.truncation)
                 pictures = np.concatenate([source[None], edited])
-                what = f"edit of {args.edit}: {args.from_text!r} -> {args.to_text!r}"
+                what = f"edit of {args.edit}: {from_text!r} -> {to_text!r}"
             else:
                 pictures = pipe.generate(prompts, args.num, args.seed, args.truncation)
                 what = " | ".join(prompts)
         for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+            print(f"warning: {one_line(str(w.message))}", file=sys.stderr)
         cols = args.num if not (args.interpolate or args.edit) else len(pictures)
+        metadata = {"prompt": what, "seed": args.seed, "model": pipe.path,
+                    "generator": args.generator, "truncation": args.truncation}
         images_lib.save_png(args.out, images_lib.grid(pictures, cols=cols),
-                            {"prompt": what, "seed": args.seed, "model": pipe.path,
-                             "generator": args.generator, "truncation": args.truncation},
+                            {k: _printable(str(v)) for k, v in metadata.items()},
                             scale=args.scale)
     except (bundle.BundleError, images_lib.ImageError, PromptError) as e:
-        return _fail(str(e))
-    print(args.out)
+        return _fail(one_line(str(e)))
+    _print_path(args.out)
     return 0
+
+
+def _print_path(path: str):
+    """Prints a path as its own bytes, whatever the terminal's encoding (a path from argv may
+    hold surrogate escapes of bytes that are not UTF-8)."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        print(_printable(path))
+        return
+    sys.stdout.flush()
+    out.write(os.fsencode(path) + b"\n")
+    out.flush()
+
+
+def output_problem(path: str) -> str | None:
+    """Why a new file cannot be written at `path` (one line), or None. Missing directories are
+    not created: a mistyped directory is more often a mistake than a wish."""
+    if not path:
+        return "cannot write an empty path"
+    shown = _printable(path)
+    if os.path.isdir(path):
+        return f"cannot write {shown}: it is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        return f"cannot write {shown}: no directory {_printable(parent)}"
+    if not os.path.isdir(parent):
+        return f"cannot write {shown}: {_printable(parent)} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {shown}: permission denied in {_printable(parent)}"
+    return None
+
+
+def _printable(text: str) -> str:
+    """Text as it can be shown and stored in UTF-8: surrogate escapes of undecodable bytes (in
+    paths and arguments) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # lone surrogates that are no escaped bytes
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """A message as one printable line of at most `limit` characters."""
+    text = " ".join(_printable(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _clean_prompt(prompt: str) -> str:

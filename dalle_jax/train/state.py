@@ -6,6 +6,13 @@ turns it into a pure `(state, batch, frozen) -> (state, metrics)` step with grad
 accumulation, the optax update, the EMA of the parameters and health metrics. `frozen` holds
 parameters the family uses but does not train (a frozen CLIP, say): an argument, not a closure,
 so they are never baked into the compiled program as constants.
+
+The NaN guard lives in the step: when the loss, the gradient norm or the update norm is not
+finite, the update is dropped (params, optimizer state and EMA keep their values; the step
+counter still advances, so the next step draws a new batch and a new key) and
+`metrics["skipped"]` is 1. A batch may carry `stop` (an int per example): the step returns its
+maximum as `metrics["stop"]`, a value every process of a multi-host run reads the same, so that
+all of them stop at the same step when any one of them is signalled.
 """
 
 from __future__ import annotations
@@ -72,19 +79,35 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
     def train_step(state: TrainState, batch, frozen=None):
+        batch = dict(batch)
+        stop = batch.pop("stop", None)
         rng = jax.random.fold_in(state.rng, state.step)
         grads, metrics = compute_grads(state.params, batch, rng, frozen, state.step)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        update_norm = optax.tree.norm(updates)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(update_norm))
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                   state.ema_params, params)
+        # A select, not a cond: the update is cheap next to the gradients and fuses with it;
+        # jnp.where passes nothing of the dropped side, NaN included.
+        keep_if_finite = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        params = keep_if_finite(params, state.params)
+        opt_state = keep_if_finite(opt_state, state.opt_state)
+        ema_params = keep_if_finite(ema_params, state.ema_params)
         metrics = {
             **metrics,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
-            "update_norm": optax.tree.norm(updates),
+            "update_norm": update_norm,
             "lr": schedule(state.step),
+            "skipped": (~finite).astype(jnp.float32),
         }
+        if stop is not None:
+            metrics["stop"] = jnp.max(stop).astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema_params)
         return new_state, metrics
