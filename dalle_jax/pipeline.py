@@ -9,9 +9,14 @@ Every method returns uint8 [N, H, W, 3] numpy arrays. Work is done in fixed-size
 random key is folded from (seed, prompt index, sample index) and the model draws its noise
 from that key alone, so a picture does not depend on the batch it was drawn in.
 
-The GAN generator (unCLIP's factorisation, Ramesh et al. 2022): the CLIP text tower encodes the
-prompt, the prior samples a CLIP image vector for it, and the GAN decoder draws the picture
-for that vector. Variations, interpolations and edits work on image vectors directly.
+Two generators stand behind the same interface, both in unCLIP's factorisation (Ramesh et al.
+2022): the CLIP text tower encodes the prompt, a prior samples a CLIP image vector for it, and a
+decoder draws the picture for that vector. `Pipeline.load(generator="gan")` (the primary path:
+flow-matching prior, StyleGAN2-style decoder, one forward pass per picture) or
+`generator="unclip"` (diffusion prior and diffusion U-Net decoder with classifier-free
+guidance, DDIM steps). Variations, interpolations and edits work on image vectors directly.
+Each generator takes its own sampling options as keywords (`OPTIONS`): `truncation` for the
+GAN; `steps`, `guidance_scale`, `eta`, `prior_steps`, `prior_guidance_scale` for unCLIP.
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ from dalle_jax.models import flow_prior
 from dalle_jax.models import gan as gan_lib
 from dalle_jax.tokenizer import Tokenizer
 
-SHIPPED = {"gan": "shapes_gan.npz"}
+# Each generator's sampling options and their defaults (`variations` overrides some: a
+# variation is drawn with fresh noise, so DDIM runs with eta 1 there, as unCLIP's paper does).
+OPTIONS = {
+    "gan": {"truncation": 1.0},
+    "unclip": {"steps": 50, "guidance_scale": 3.0, "eta": 0.0, "prior_steps": 25,
+               "prior_guidance_scale": 1.0},
+}
+VARIATION_OPTIONS = {"gan": {}, "unclip": {"eta": 1.0}}
+
+SHIPPED = {"gan": "shapes_gan.npz", "unclip": "shapes_unclip.npz"}
 TRUNCATION_SAMPLES = 64  # z draws that estimate a condition's mean style vector
 
 
@@ -71,48 +85,145 @@ def picture_keys(seed: int, rows: list[tuple[int, int]]) -> np.ndarray:
     return np.asarray(fold(i, j))
 
 
+class GANGenerator:
+    """The GAN path: flow-matching prior, StyleGAN2-style generator (one forward pass)."""
+
+    name = "gan"
+
+    def __init__(self, configs: dict, clip_config: clip_lib.CLIPConfig, image_size: int):
+        p = configs["prior"]["model"]
+        self.prior = flow_prior.FlowPrior(flow_prior.PriorConfig(
+            embed_dim=clip_config.embed_dim, token_dim=clip_config.text_width, width=p["width"],
+            depth=p["depth"], sample_steps=p["sample_steps"]))
+        g = configs["decoder"]["model"]
+        self.gan_config = gan_lib.GANConfig(
+            resolution=image_size, cond_dim=clip_config.embed_dim, z_dim=g["z_dim"],
+            w_dim=g["w_dim"], mapping_layers=g["mapping_layers"],
+            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
+            input_from_w=g.get("input_from_w", False),
+            channels=tuple(g["channels"]),
+            d_channels=tuple(g["d_channels"]), noise=g["noise"],
+            cross_attention_res=tuple(g["cross_attention_res"]), token_dim=clip_config.text_width)
+        self.condition = g.get("condition", "image")
+        self.generator = gan_lib.Generator(self.gan_config)
+
+    @staticmethod
+    def check(options: dict):
+        if not 0.0 <= options["truncation"] <= 2.0:
+            raise ValueError(f"truncation must be between 0 and 2, not {options['truncation']}")
+
+    def sample_prior(self, p, text_embed, features, mask, keys, options):
+        if self.condition == "text":  # the StyleGAN-T way: the decoder reads the text vector
+            return text_embed
+        return flow_prior.sample(self.prior, p["prior"], text_embed, features, mask, keys)
+
+    def decode(self, p, embed, features, mask, keys, options):
+        """Pictures in [-1, 1] for image vectors [B, E]; per-picture z and noise from `keys`.
+
+        Truncation pulls w toward the condition's own mean style (the conditional truncation
+        of StyleGAN-T), estimated from a fixed set of z draws."""
+        del features, mask  # this decoder reads the image vector alone
+        g = self.generator
+        gp = {"params": p["generator"]}
+        mapping = lambda z, c: g.apply(gp, z, c, method=lambda m, z, c: m.mapping(z, c))
+        z_fixed = jax.random.normal(jax.random.PRNGKey(0), (TRUNCATION_SAMPLES, g.config.z_dim))
+        psi = options["truncation"]
+
+        def one(key, c):
+            kz, kn = jax.random.split(key)
+            w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None])
+            if psi != 1.0:
+                w_mean = mapping(z_fixed, jnp.repeat(c[None], TRUNCATION_SAMPLES, 0)).mean(0)
+                w = w_mean + psi * (w - w_mean)
+            return g.apply(gp, w, kn, method=lambda m, w, k: m.synthesis(w, k))[0]
+
+        return jax.vmap(one)(keys, embed)
+
+
+class UnCLIPGenerator:
+    """The DALL-E 2 path: diffusion prior, diffusion U-Net decoder, classifier-free guidance."""
+
+    name = "unclip"
+
+    def __init__(self, configs: dict, clip_config: clip_lib.CLIPConfig, image_size: int):
+        from dalle_jax.train import unclip
+        self.prior = unclip.build_prior(configs["prior"], clip_config)
+        self.decoder = unclip.build_decoder(configs["decoder"], clip_config)
+        self._unclip = unclip
+
+    @staticmethod
+    def check(options: dict):
+        for key in ("steps", "prior_steps"):
+            if not (isinstance(options[key], int) and 1 <= options[key] <= 1000):
+                raise ValueError(f"{key} must be an integer from 1 to 1000, not {options[key]!r}")
+        for key in ("guidance_scale", "prior_guidance_scale"):
+            if not 0.0 <= options[key] <= 20.0:
+                raise ValueError(f"{key} must be between 0 and 20, not {options[key]}")
+        if not 0.0 <= options["eta"] <= 1.0:
+            raise ValueError(f"eta must be between 0 and 1, not {options['eta']}")
+
+    def sample_prior(self, p, text_embed, features, mask, keys, options):
+        return self._unclip.sample_prior(self.prior, p["prior"], text_embed, features, mask,
+                                         keys, options["prior_steps"],
+                                         options["prior_guidance_scale"])
+
+    def decode(self, p, embed, features, mask, keys, options):
+        return self._unclip.sample_decoder(self.decoder, p["decoder"], embed, features, mask,
+                                           keys, options["steps"], options["guidance_scale"],
+                                           options["eta"])
+
+
+GENERATORS = {"gan": GANGenerator, "unclip": UnCLIPGenerator}
+
+
 class Pipeline:
-    """A trained text-to-image pipeline (CLIP + prior + GAN decoder)."""
+    """A trained text-to-image pipeline: CLIP + prior + decoder (GAN or unCLIP)."""
 
     def __init__(self, meta: dict, params: dict, path: str = "", batch_size: int = 16):
         configs = meta["configs"]
         self.meta, self.params, self.path = meta, params, path
         self.generator_name = configs.get("generator", "gan")
+        if self.generator_name not in GENERATORS:
+            raise bundle.BundleError(f"{path or 'model'} holds an unknown generator "
+                                     f"{self.generator_name!r}; known: {', '.join(GENERATORS)}")
         self.batch_size = batch_size
         c = configs["clip"]
         self.image_size = c["data"]["image_size"]
         self.context_length = c["data"]["context_length"]
         self.clip = clip_lib.CLIP(variant=c["model"]["variant"], image_size=self.image_size,
                                   context_length=self.context_length)
-        p = configs["prior"]["model"]
-        cc = self.clip.config
-        self.prior = flow_prior.FlowPrior(flow_prior.PriorConfig(
-            embed_dim=cc.embed_dim, token_dim=cc.text_width, width=p["width"], depth=p["depth"],
-            sample_steps=p["sample_steps"]))
-        g = configs["decoder"]["model"]
-        self.gan_config = gan_lib.GANConfig(
-            resolution=self.image_size, cond_dim=cc.embed_dim, z_dim=g["z_dim"],
-            w_dim=g["w_dim"], mapping_layers=g["mapping_layers"],
-            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
-            input_from_w=g.get("input_from_w", False),
-            channels=tuple(g["channels"]),
-            d_channels=tuple(g["d_channels"]), noise=g["noise"],
-            cross_attention_res=tuple(g["cross_attention_res"]), token_dim=cc.text_width)
-        self.condition = g.get("condition", "image")
-        self.generator = gan_lib.Generator(self.gan_config)
+        self.generator = GENERATORS[self.generator_name](configs, self.clip.config,
+                                                         self.image_size)
         self.tokenizer = Tokenizer()
         self.known_tokens = bundle.known_tokens(meta, "clip/text/token_embedding/embedding")
         self.params = jax.device_put(params)
+        self._compiled = {}
 
     @classmethod
     def load(cls, path: str | None = None, generator: str = "gan", **kwargs) -> "Pipeline":
-        """The model file at `path` (a `model.npz` written by training), or the shipped one."""
+        """The model file at `path` (a `model.npz` written by training), or the shipped one of
+        `generator`."""
         path = path or shipped_path(generator)
         meta, params = bundle.load(path)
-        if meta["configs"].get("generator", "gan") != generator:
-            raise bundle.BundleError(f"{path} holds a {meta['configs'].get('generator')} "
-                                     f"model, not {generator}")
+        held = meta["configs"].get("generator", "gan")
+        if held != generator:
+            raise bundle.BundleError(f"{path} holds a {held} model, not {generator}")
         return cls(meta, params, path, **kwargs)
+
+    def options(self, overrides: dict | None = None, variation: bool = False) -> dict:
+        """This generator's sampling options: defaults, then `overrides` (checked)."""
+        name = self.generator_name
+        options = dict(OPTIONS[name])
+        if variation:
+            options.update(VARIATION_OPTIONS[name])
+        for key, value in (overrides or {}).items():
+            if key not in options:
+                raise ValueError(f"{key!r} is not an option of the {name} generator; its "
+                                 f"options: {', '.join(OPTIONS[name])}")
+            options[key] = type(options[key])(value) if isinstance(value, (int, float)) \
+                and not isinstance(value, bool) else value
+        self.generator.check(options)
+        return options
 
     # ---- text and images in -------------------------------------------------------------
 
@@ -124,8 +235,8 @@ class Pipeline:
             if not isinstance(prompt, str):
                 raise PromptError(f"prompt {i} is a {type(prompt).__name__}, not a string")
             if not prompt.strip() or not self.tokenizer.encode(prompt):
-                raise PromptError(f"prompt {i} is empty: the GAN pipeline has no unconditional "
-                                  "mode, so say what to draw")
+                raise PromptError(f"prompt {i} is empty: say what to draw (for a picture "
+                                  "without a prompt, vary an image instead)")
         tokens = self.tokenizer(prompts, context_length=self.context_length)
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt)
@@ -163,53 +274,59 @@ class Pipeline:
     # ---- pictures out -------------------------------------------------------------------
 
     def generate(self, prompts: list[str], num_per_prompt: int = 1, seed: int = 0,
-                 truncation: float = 1.0, use_prior: bool = True) -> np.ndarray:
+                 truncation: float | None = None, use_prior: bool = True,
+                 **options) -> np.ndarray:
         """num_per_prompt pictures per prompt, prompt-major: [len(prompts) * num, H, W, 3].
 
         `use_prior=False` decodes the text vector itself as if it were an image vector (no
-        prior), the baseline the prior is measured against."""
+        prior), the baseline the prior is measured against. Other keywords are the
+        generator's sampling options (`OPTIONS`)."""
+        options = self.options(_with_truncation(options, truncation))
         tokens = self.tokenize(prompts)
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_per_prompt)]
         keys = picture_keys(seed, rows)
         idx = np.asarray([i for i, _ in rows], np.int64)
-        fn = self._generate_fn if use_prior else self._generate_without_prior_fn
-        return self._chunked(fn, tokens[idx], keys,
-                             np.full((len(rows),), truncation, np.float32))[0]
+        fn = self._compile("generate" if use_prior else "generate_without_prior", options)
+        return self._chunked(fn, tokens[idx], keys)[0]
 
-    def variations(self, images, num: int = 4, seed: int = 0,
-                   truncation: float = 1.0) -> np.ndarray:
+    def variations(self, images, num: int = 4, seed: int = 0, truncation: float | None = None,
+                   **options) -> np.ndarray:
         """Each picture re-drawn `num` times from its own CLIP image vector: [N * num, ...]."""
+        options = self.options(_with_truncation(options, truncation), variation=True)
         embed = self.encode_images(images)
         rows = [(i, j) for i in range(len(embed)) for j in range(num)]
-        return self.decode(embed[[i for i, _ in rows]], picture_keys(seed, rows), truncation)
+        return self.decode(embed[[i for i, _ in rows]], picture_keys(seed, rows), **options)
 
     def interpolate(self, image_a, image_b, steps: int = 8, seed: int = 0,
-                    truncation: float = 1.0) -> np.ndarray:
+                    truncation: float | None = None, **options) -> np.ndarray:
         """`steps` pictures along the slerp from a's image vector to b's (same noise)."""
+        options = self.options(_with_truncation(options, truncation))
         a, b = self.encode_images(np.stack([self._as_images(image_a)[0],
                                             self._as_images(image_b)[0]]))
         t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
         embed = np.asarray(slerp(np.repeat(a[None], steps, 0), np.repeat(b[None], steps, 0), t))
         keys = picture_keys(seed, [(0, 0)] * steps)
-        return self.decode(embed, keys, truncation)
+        return self.decode(embed, keys, **options)
 
     def edit(self, image, from_text: str, to_text: str, amount: float = 0.5, seed: int = 0,
-             truncation: float = 1.0) -> np.ndarray:
+             truncation: float | None = None, **options) -> np.ndarray:
         """unCLIP's text diff: slerp the image vector toward normalise(v(to) - v(from)) by
         `amount` (0 keeps the picture, 1 is the direction itself); [1, H, W, 3]."""
+        options = self.options(_with_truncation(options, truncation))
         embed = self.encode_images(image)[:1]
         v_from, v_to = self.encode_text([from_text, to_text])
         diff = v_to - v_from
         if np.linalg.norm(diff) < 1e-6:
             raise PromptError("the edit's two texts mean the same to the model; nothing to do")
         target = np.asarray(slerp(embed, (diff / np.linalg.norm(diff))[None], amount))
-        return self.decode(target, picture_keys(seed, [(0, 0)]), truncation)
+        return self.decode(target, picture_keys(seed, [(0, 0)]), **options)
 
-    def decode(self, image_embed: np.ndarray, keys: np.ndarray, truncation: float = 1.0):
-        """The GAN decoder on image vectors [N, E], one key per picture."""
+    def decode(self, image_embed: np.ndarray, keys: np.ndarray, truncation: float | None = None,
+               **options) -> np.ndarray:
+        """The decoder on image vectors [N, E] alone (no caption), one key per picture."""
+        options = self.options(_with_truncation(options, truncation))
         image_embed = np.asarray(image_embed, np.float32)
-        return self._chunked(self._decode_fn, image_embed, keys,
-                             np.full((len(image_embed),), truncation, np.float32))[0]
+        return self._chunked(self._compile("decode", options), image_embed, keys)[0]
 
     # ---- compiled pieces ----------------------------------------------------------------
 
@@ -237,54 +354,42 @@ class Pipeline:
         return jax.jit(lambda p, x: self.clip.apply({"params": p["clip"]}, x,
                                                     method=self.clip.encode_image)[0])
 
-    @functools.cached_property
-    def _generate_fn(self):
-        return self._make_generate(use_prior=True)
-
-    @functools.cached_property
-    def _generate_without_prior_fn(self):
-        return self._make_generate(use_prior=False)
-
-    def _make_generate(self, use_prior: bool):
-        def fn(p, tokens, keys, truncation):
-            text_embed, features, mask = self._encode_text(p, tokens)
-            prior_keys, decoder_keys = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
-            if self.condition == "text" or not use_prior:
-                cond = text_embed
-            else:
-                cond = flow_prior.sample(self.prior, p["prior"], text_embed, features, mask,
-                                         prior_keys)
-            return self._render(p, cond, decoder_keys, truncation)
-        return jax.jit(fn)
-
-    @functools.cached_property
-    def _decode_fn(self):
-        def fn(p, embed, keys, truncation):
-            decoder_keys = jax.vmap(lambda k: jax.random.split(k))(keys)[:, 1]
-            return self._render(p, embed, decoder_keys, truncation)
-        return jax.jit(fn)
+    def _compile(self, kind: str, options: dict):
+        """The jitted program for `kind` under these sampling options (compile-time constants),
+        built once per (kind, options)."""
+        cache_key = (kind, tuple(sorted(options.items())))
+        if cache_key in self._compiled:
+            return self._compiled[cache_key]
+        gen = self.generator
+        if kind == "decode":
+            def fn(p, embed, keys):
+                decoder_keys = jax.vmap(lambda k: jax.random.split(k))(keys)[:, 1]
+                b, length = embed.shape[0], self.context_length
+                features = jnp.zeros((b, length, self.clip.config.text_width), jnp.float32)
+                mask = jnp.zeros((b, length), bool)  # no caption: the decoder sees none
+                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options))
+        else:
+            def fn(p, tokens, keys):
+                text_embed, features, mask = self._encode_text(p, tokens)
+                prior_keys, decoder_keys = jax.vmap(lambda k: jax.random.split(k))(
+                    keys).swapaxes(0, 1)
+                if kind == "generate":
+                    embed = gen.sample_prior(p, text_embed, features, mask, prior_keys, options)
+                else:
+                    embed = text_embed
+                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options))
+        self._compiled[cache_key] = jax.jit(fn)
+        return self._compiled[cache_key]
 
     def _encode_text(self, p, tokens):
         embed, features = self.clip.apply({"params": p["clip"]}, tokens,
                                           method=self.clip.encode_text)
         return embed, features, tokens != 0
 
-    def _render(self, p, cond, keys, truncation):
-        """uint8 pictures for conditions [B, E]; per-picture z and noise from `keys`.
 
-        Truncation pulls w toward the condition's own mean style (the conditional truncation
-        of StyleGAN-T), estimated from a fixed set of z draws."""
-        g = self.generator
-        gp = {"params": p["generator"]}
-        mapping = lambda z, c: g.apply(gp, z, c, method=lambda m, z, c: m.mapping(z, c))
-        z_fixed = jax.random.normal(jax.random.PRNGKey(0), (TRUNCATION_SAMPLES, g.config.z_dim))
+def _with_truncation(options: dict, truncation: float | None) -> dict:
+    return options if truncation is None else {**options, "truncation": truncation}
 
-        def one(key, c, psi):
-            kz, kn = jax.random.split(key)
-            w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None])
-            w_mean = mapping(z_fixed, jnp.repeat(c[None], TRUNCATION_SAMPLES, 0)).mean(0)
-            w = w_mean + psi * (w - w_mean)
-            return g.apply(gp, w, kn, method=lambda m, w, k: m.synthesis(w, k))[0]
 
-        images = jax.vmap(one)(keys, cond, truncation)
-        return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+def _to_uint8(images):
+    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
