@@ -24,7 +24,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 # The configs a pipeline of each generator needs (dalle_jax.pipeline builds its models from them).
-SECTIONS = {"gan": ("clip", "prior", "decoder")}
+SECTIONS = {"gan": ("clip", "prior", "decoder"), "unclip": ("clip", "prior", "decoder")}
 
 
 class BundleError(ValueError):

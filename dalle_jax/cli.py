@@ -66,9 +66,19 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--out", default="samples.png", help="the grid PNG to write")
     parser.add_argument("--checkpoint", help="a model file (workdir/model.npz of a training "
                         "run); default: the model shipped in the package")
-    parser.add_argument("--generator", default="gan", help="gan (the only generator so far)")
-    parser.add_argument("--truncation", type=float, default=1.0,
-                        help="1 = full diversity; smaller pulls toward each prompt's mean")
+    parser.add_argument("--generator", default="gan", choices=("gan", "unclip"),
+                        help="gan (one pass per picture) or unclip (diffusion prior and "
+                        "decoder, DALL-E 2's path)")
+    parser.add_argument("--truncation", type=float, help="GAN: 1 = full diversity (default); "
+                        "smaller pulls toward each prompt's mean")
+    parser.add_argument("--steps", type=int, help="unCLIP: decoder DDIM steps (default 50)")
+    parser.add_argument("--guidance-scale", type=float, help="unCLIP: decoder classifier-free "
+                        "guidance (default 3; 1 = none)")
+    parser.add_argument("--eta", type=float, help="unCLIP: DDIM eta, 0 deterministic, 1 "
+                        "ancestral (default 0; 1 for --variations)")
+    parser.add_argument("--prior-steps", type=int, help="unCLIP: prior DDIM steps (default 25)")
+    parser.add_argument("--prior-guidance-scale", type=float,
+                        help="unCLIP: prior classifier-free guidance (default 1)")
     parser.add_argument("--scale", type=int, default=4, help="enlarge the grid this many times")
     parser.add_argument("--variations", metavar="IMG", help="re-draw this picture --num times")
     parser.add_argument("--interpolate", nargs=2, metavar="IMG",
@@ -93,8 +103,20 @@ def sample_main(argv=None) -> int:
         return _fail(f"--scale must be between 1 and 32, not {args.scale}")
     if not 0.0 <= args.amount <= 1.0:
         return _fail(f"--amount must be between 0 and 1, not {args.amount}")
-    if not 0.0 <= args.truncation <= 2.0:
-        return _fail(f"--truncation must be between 0 and 2, not {args.truncation}")
+    options = {k: v for k, v in (("truncation", args.truncation), ("steps", args.steps),
+                                 ("guidance_scale", args.guidance_scale), ("eta", args.eta),
+                                 ("prior_steps", args.prior_steps),
+                                 ("prior_guidance_scale", args.prior_guidance_scale))
+               if v is not None}
+    from dalle_jax.pipeline import OPTIONS
+    for key in options:
+        if key not in OPTIONS[args.generator]:
+            return _fail(f"--{key.replace('_', '-')} is not an option of the {args.generator} "
+                         "generator")
+    try:
+        _check_options(args.generator, options)
+    except ValueError as e:
+        return _fail(str(e))
     prompts = [_clean_prompt(p) for p in args.prompt]
     from_text, to_text = (None if t is None else _clean_prompt(t)
                           for t in (args.from_text, args.to_text))
@@ -112,27 +134,28 @@ def sample_main(argv=None) -> int:
             s = pipe.image_size
             if args.variations:
                 pictures = pipe.variations(images_lib.load_image(args.variations, s), args.num,
-                                           args.seed, truncation=args.truncation)
+                                           args.seed, **options)
                 what = f"variations of {args.variations}"
             elif args.interpolate:
                 a, b = (images_lib.load_image(p, s) for p in args.interpolate)
-                pictures = pipe.interpolate(a, b, max(args.num, 2), args.seed,
-                                            truncation=args.truncation)
+                pictures = pipe.interpolate(
+                    a, b, max(args.num, 2), args.seed,
+                    **{"decoder_steps" if k == "steps" else k: v for k, v in options.items()})
                 what = f"interpolation {args.interpolate[0]} -> {args.interpolate[1]}"
             elif args.edit:
                 source = images_lib.load_image(args.edit, s)
                 edited = pipe.edit(source, from_text, to_text, args.amount, args.seed,
-                                   truncation=args.truncation)
+                                   **options)
                 pictures = np.concatenate([source[None], edited])
                 what = f"edit of {args.edit}: {from_text!r} -> {to_text!r}"
             else:
-                pictures = pipe.generate(prompts, args.num, args.seed, args.truncation)
+                pictures = pipe.generate(prompts, args.num, args.seed, **options)
                 what = " | ".join(prompts)
         for w in caught:
             print(f"warning: {one_line(str(w.message))}", file=sys.stderr)
         cols = args.num if not (args.interpolate or args.edit) else len(pictures)
         metadata = {"prompt": what, "seed": args.seed, "model": pipe.path,
-                    "generator": args.generator, "truncation": args.truncation}
+                    "generator": args.generator, **pipe.options(options)}
         images_lib.save_png(args.out, images_lib.grid(pictures, cols=cols),
                             {k: _printable(str(v)) for k, v in metadata.items()},
                             scale=args.scale)
@@ -140,6 +163,12 @@ def sample_main(argv=None) -> int:
         return _fail(one_line(str(e)))
     _print_path(args.out)
     return 0
+
+
+def _check_options(generator: str, options: dict):
+    """The generator's own range checks, before the model is loaded."""
+    from dalle_jax.pipeline import GENERATORS, OPTIONS
+    GENERATORS[generator].check({**OPTIONS[generator], **options})
 
 
 def _print_path(path: str):

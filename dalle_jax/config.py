@@ -88,6 +88,13 @@ _TRAINING = {
                         "lr_factor": _opt(float, minimum=0),
                         "max_rollbacks": _opt(int, minimum=0)})}
 
+_DIFFUSION = {"schedule": _opt(str, choices=("cosine", "linear")),
+              "num_timesteps": _opt(int, minimum=0),
+              "prediction": _opt(str, choices=("eps", "x0", "v")),
+              "text_drop_prob": _opt(float, minimum=0)}
+_DIFFUSION_EVAL = {"num_examples": Field(int, minimum=1), "use_ema": Field(bool),
+                   "sample_steps": _opt(int, minimum=1), "guidance_scale": _opt(float, minimum=0)}
+
 SCHEMAS: dict[str, dict] = {
     # dalle_jax/train/clip.py
     # (import_from: a directory of `python -m dalle_jax.clip_import`, the pipeline's frozen CLIP)
@@ -110,10 +117,22 @@ SCHEMAS: dict[str, dict] = {
                      "reconstruction": _opt(str, choices=("l1", "l2")),
                      "reconstruction_weight": _opt(float, minimum=0),
                      "adversarial_weight": _opt(float, minimum=0)}},
+    # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and
+    # models/unet.py UNetConfig; the sizes CLIP fixes are filled in)
+    "diffusion_prior": {**_TRAINING, "eval": _DIFFUSION_EVAL,
+                        "model": Block({"width": _opt(int, minimum=1), "depth": _opt(int, minimum=1),
+                                        "num_heads": _opt(int, minimum=1), **_DIFFUSION})},
+    "diffusion_decoder": {**_TRAINING, "eval": _DIFFUSION_EVAL, "model": Block({
+        "base_channels": _opt(int, minimum=1), "channel_mult": _opt(list, item=int),
+        "num_res_blocks": _opt(int, minimum=1), "attention_resolutions": _opt(list, item=int),
+        "num_heads": _opt(int, minimum=1), "norm_groups": _opt(int, minimum=1),
+        "context_dim": _opt(int, minimum=1), "num_image_tokens": _opt(int, minimum=1),
+        "image_drop_prob": _opt(float, minimum=0), "threshold_percentile": _opt(float, minimum=0),
+        **_DIFFUSION})},
     # dalle_jax/train/stages.py: CLIP, then the prior and the decoder on the frozen CLIP.
     "pipeline": {"family": Field(str), "export_dtype": _opt(str, choices=("float32", "bfloat16")),
-                 "clip": Stage(("clip",)), "prior": Stage(("prior",)),
-                 "decoder": Stage(("gan",))},
+                 "clip": Stage(("clip",)), "prior": Stage(("prior", "diffusion_prior")),
+                 "decoder": Stage(("gan", "diffusion_decoder"))},
 }
 
 # The fields that fix a model's parameter shapes: a checkpoint resumes only under equal ones.

@@ -217,6 +217,8 @@ class Pipeline:
         if variation:
             options.update(VARIATION_OPTIONS[name])
         for key, value in (overrides or {}).items():
+            if key == "decoder_steps" and "steps" in options:
+                key = "steps"  # the spelling `interpolate` needs: its `steps` counts frames
             if key not in options:
                 raise ValueError(f"{key!r} is not an option of the {name} generator; its "
                                  f"options: {', '.join(OPTIONS[name])}")
@@ -299,7 +301,8 @@ class Pipeline:
 
     def interpolate(self, image_a, image_b, steps: int = 8, seed: int = 0,
                     truncation: float | None = None, **options) -> np.ndarray:
-        """`steps` pictures along the slerp from a's image vector to b's (same noise)."""
+        """`steps` pictures along the slerp from a's image vector to b's (same noise). For
+        unCLIP, `decoder_steps` sets the number of DDIM steps here."""
         options = self.options(_with_truncation(options, truncation))
         a, b = self.encode_images(np.stack([self._as_images(image_a)[0],
                                             self._as_images(image_b)[0]]))

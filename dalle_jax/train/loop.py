@@ -308,6 +308,7 @@ def _train(config, workdir: str, run: _Run, guard: dict, stop_at_step: int | Non
                 metrics["images_per_s"] = ((step - last_step) * config.data.global_batch
                                            / (now - last_time))
                 last_time, last_step = now, step
+                metrics.update(pipeline.data_metrics(run.iterator))  # skipped files, by reason
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 img_s=f"{metrics['images_per_s']:.0f}", refresh=False)

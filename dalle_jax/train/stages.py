@@ -23,10 +23,16 @@ from dalle_jax.train import loop
 STAGES = ("clip", "prior", "decoder")
 
 
+# The decoder family decides the generator a model file holds (`Pipeline.load(generator=...)`).
+GENERATOR_OF = {"gan": "gan", "diffusion_decoder": "unclip"}
+
+
 def build_task(stage_config, clip_params, clip_config):
     from dalle_jax.train.gan import GANTask
     from dalle_jax.train.prior import PriorTask
-    tasks = {"prior": PriorTask, "gan": GANTask}
+    from dalle_jax.train.unclip import DiffusionDecoderTask, DiffusionPriorTask
+    tasks = {"prior": PriorTask, "gan": GANTask, "diffusion_prior": DiffusionPriorTask,
+             "diffusion_decoder": DiffusionDecoderTask}
     if stage_config.family not in tasks:
         raise ValueError(f"unknown model family {stage_config.family!r} for a stage on a frozen "
                          f"CLIP; valid: {', '.join(tasks)}")
@@ -39,12 +45,36 @@ def _params(state, config):
 
 def frozen_clip(config, workdir: str):
     """The CLIP the later stages stand on: imported when `clip.import_from` names a directory
-    written by `python -m dalle_jax.clip_import`, else trained by the `clip` stage."""
-    if config.clip.get("import_from"):
+    written by `python -m dalle_jax.clip_import`, taken from a trained pipeline when it names a
+    model file (`model.npz`, or `shipped:gan` for the GAN model in the package), else trained
+    by the `clip` stage."""
+    source = config.clip.get("import_from")
+    if source and (source.endswith(".npz") or source.startswith("shipped:")):
+        return clip_from_model(source, config.clip)
+    if source:
         from dalle_jax import clip_import
         return clip_import.frozen_params(config.clip)
     clip_state = loop.train_and_evaluate(config.clip, os.path.join(workdir, "clip"))
     return _params(clip_state, config.clip)
+
+
+def clip_from_model(source: str, clip_config) -> dict:
+    """The frozen CLIP of a pipeline model file, so that two generators can share one CLIP
+    (the unCLIP config stands on the shipped GAN model's). Its CLIP config must be this one's."""
+    if source.startswith("shipped:"):
+        from dalle_jax.pipeline import shipped_path
+        source = shipped_path(source.split(":", 1)[1])
+    meta, params = bundle.load(source)
+    stored = meta["configs"]["clip"]
+    wanted = json.loads(clip_config.to_json_best_effort())
+    for key in ("model", "data.image_size", "data.context_length"):
+        a, b = stored, wanted
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise bundle.BundleError(f"clip.import_from={source} holds a CLIP with clip.{key}="
+                                     f"{a!r}, not {b!r}: make the config's match")
+    return params["clip"]
 
 
 def run(config, workdir: str) -> str:
@@ -58,8 +88,9 @@ def run(config, workdir: str) -> str:
                                             task=decoder_task)
     path = os.path.join(workdir, "model.npz")
     if jax.process_index() == 0:
+        decoder = decoder_state.ema_params
         export(path, config, clip_params, _params(prior_state, config.prior),
-               decoder_state.ema_params["generator"])
+               decoder["generator"] if config.decoder.family == "gan" else decoder)
         print(f"model written to {path}", file=sys.stderr)
     return path
 
@@ -73,15 +104,26 @@ def shapes_vocabulary(context_length: int, count: int = 20000) -> np.ndarray:
 
 def export(path: str, config, clip_params, prior_params, generator_params,
            dtype: str | None = None):
-    """The pipeline's model file: the frozen CLIP, the prior and the generator's EMA weights."""
-    configs = {"generator": "gan", "clip": json.loads(config.clip.to_json_best_effort()),
+    """The pipeline's model file: the frozen CLIP, the prior and the decoder's EMA weights (the
+    GAN's generator under "generator", a diffusion decoder under "decoder")."""
+    generator = GENERATOR_OF.get(config.decoder.family)
+    if generator is None:
+        raise ValueError(f"no generator for decoder family {config.decoder.family!r}; valid: "
+                         f"{', '.join(GENERATOR_OF)}")
+    configs = {"generator": generator, "clip": json.loads(config.clip.to_json_best_effort()),
                "prior": json.loads(config.prior.to_json_best_effort()),
                "decoder": json.loads(config.decoder.to_json_best_effort())}
     params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
-              "generator": jax.device_get(generator_params)}
+              "generator" if generator == "gan" else "decoder": jax.device_get(generator_params)}
     keep = None
     # Only a CLIP trained on shapes has rows that never moved; an imported one uses them all.
-    if config.clip.data.name == "shapes" and not config.clip.get("import_from"):
+    if config.clip.data.name == "shapes" and not _imported_elsewhere(config.clip):
         keep = {"clip/text/token_embedding/embedding":
                 shapes_vocabulary(config.clip.data.context_length)}
     bundle.export(path, configs, params, dtype or config.get("export_dtype", "float32"), keep)
+
+
+def _imported_elsewhere(clip_config) -> bool:
+    """A CLIP imported from published weights (every token row used), not from a pipeline."""
+    source = clip_config.get("import_from")
+    return bool(source) and not (source.endswith(".npz") or source.startswith("shipped:"))

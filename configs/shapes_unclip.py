@@ -1,0 +1,54 @@
+"""The unCLIP (DALL-E 2) pipeline on captioned shapes, beside the GAN's, on the same CLIP:
+
+    python train.py --config configs/shapes_unclip.py --workdir runs/shapes_unclip [key=value ...]
+
+Stages (each resumable, in workdir/<stage>): the frozen CLIP is the shipped GAN model's
+(`clip.import_from = "shipped:gan"`, so the two generators are compared on one CLIP; set
+`clip.import_from=""` to train it here as configs/shapes_clip.py does), then the diffusion
+`prior` (causal Transformer, x0 target) and the diffusion `decoder` (ADM/GLIDE-style U-Net at
+32 px, eps target, cosine schedule); then workdir/model.npz, loaded by
+`Pipeline.load(path, generator="unclip")`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    gan = _load("shapes_gan.py")
+    c = ml_collections.ConfigDict()
+    c.family = "pipeline"
+    c.export_dtype = "float32"
+    c.clip = gan._clip_config()
+    c.clip.import_from = "shipped:gan"
+
+    # Width 128: the Transformer reads 20 tokens per embedding, ~4x the cost of the flow prior's
+    # MLP at width 256 (benchmarks/bench_unclip.py), so 1,500 steps of 256 take ~15 minutes.
+    c.prior = gan._common("diffusion_prior", total_steps=1500, global_batch=256, lr=1e-3,
+                          ema_decay=0.99)
+    c.prior.model = dict(width=128, depth=4, num_heads=4, schedule="cosine", num_timesteps=1000,
+                         prediction="x0", text_drop_prob=0.1)
+    c.prior.eval_every = 500
+    c.prior.eval = dict(num_examples=500, use_ema=True, sample_steps=25, guidance_scale=1.0)
+
+    # ~21 images/s on this CPU: 1,200 steps of 64 are about an hour.
+    c.decoder = gan._common("diffusion_decoder", total_steps=1200, global_batch=64, lr=1e-3,
+                            ema_decay=0.995)
+    c.decoder.optim.clip_norm = 1.0
+    c.decoder.model = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                           attention_resolutions=(8,), num_heads=4, context_dim=64,
+                           num_image_tokens=4, schedule="cosine", num_timesteps=1000,
+                           prediction="eps", image_drop_prob=0.1, text_drop_prob=0.5)
+    c.decoder.eval_every = 400
+    c.decoder.eval = dict(num_examples=200, use_ema=True, sample_steps=25, guidance_scale=3.0)
+    return c
