@@ -237,8 +237,9 @@ class Pipeline:
             if not isinstance(prompt, str):
                 raise PromptError(f"prompt {i} is a {type(prompt).__name__}, not a string")
             if not prompt.strip() or not self.tokenizer.encode(prompt):
-                raise PromptError(f"prompt {i} is empty: say what to draw (for a picture "
-                                  "without a prompt, vary an image instead)")
+                kind = "GAN" if self.generator_name == "gan" else "unCLIP"
+                raise PromptError(f"prompt {i} is empty: the {kind} pipeline has no "
+                                  "unconditional mode, so say what to draw (or vary a picture)")
         tokens = self.tokenizer(prompts, context_length=self.context_length)
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt)
