@@ -1,8 +1,15 @@
-"""Judge a trained pipeline on the shapes eval split with the analytic adherence scorer.
+"""Judge a trained pipeline on the shapes eval split: image quality and prompt adherence.
 
     python -m dalle_jax.evaluate [--checkpoint workdir/model.npz] [--num 600] [--out report.json]
+        [--generator gan|unclip] [--fid-weights inception_fid.npz [--data DIR]]
 
 Reports (JSON, and a short table on stdout):
+  quality      over the pictures drawn for the eval captions (one each, with the prior): CLIP
+               score against their captions by the model's own CLIP (labelled "in-house
+               CLIP": not OpenAI's, so comparable only between models judged by one CLIP),
+               and with --fid-weights (made by `python -m dalle_jax.metrics.fid convert`) FID
+               and KID against real pictures: the eval split's at the model's resolution, or
+               every picture in --data DIR; without weights FID is skipped and says so;
   adherence    one picture per eval caption, every stated attribute right, by group: one-object
                with a seen colour-shape pair, one-object with a held-out pair, two objects;
                again without the prior (the text vector decoded as if it were an image's);
@@ -24,10 +31,19 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from dalle_jax import images as images_lib
 from dalle_jax.data import shapes
-from dalle_jax.metrics import adherence
+from dalle_jax.metrics import adherence, clip_score
+from dalle_jax.metrics import fid as fid_lib
+
+DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 40, 8
+SOURCES, VARIATIONS, EDIT_AMOUNTS = 100, 4, (0.3, 0.5, 0.7)
+
+
+class EvaluateError(ValueError):
+    """Unusable evaluation input (a --data folder, too few pictures). One line, for the user."""
 
 
 def _read(image):
@@ -36,8 +52,9 @@ def _read(image):
     return found["background"], obj
 
 
-def adherence_report(pipe, captions, seed=0, truncation=1.0, use_prior=True):
-    pictures = pipe.generate(captions, 1, seed, truncation, use_prior=use_prior)
+def adherence_report(pipe, captions, seed=0, truncation=1.0, use_prior=True, progress=None):
+    pictures = pipe.generate(captions, 1, seed, truncation, use_prior=use_prior,
+                             progress=progress)
     results = adherence.score_batch(pictures, captions)
     report = adherence.summary(results, captions)
     # Which stated attributes fail, over one-object captions: where to look first.
@@ -50,14 +67,18 @@ def adherence_report(pipe, captions, seed=0, truncation=1.0, use_prior=True):
     return report, pictures
 
 
-def diversity_report(pipe, captions, samples=8, seed=0):
+def _diversity_prompts(captions):
+    return [c for c in captions if (p := shapes.parse_caption(c)) and len(p.objects) == 1
+            and (p.objects[0].position is None or p.background is None)][:DIVERSITY_PROMPTS]
+
+
+def diversity_report(pipe, captions, samples=DIVERSITY_SAMPLES, seed=0, progress=None):
     open_position, open_background, distances = [], [], []
-    prompts = [c for c in captions if (p := shapes.parse_caption(c)) and len(p.objects) == 1
-               and (p.objects[0].position is None or p.background is None)][:40]
+    prompts = _diversity_prompts(captions)
     if not prompts:
         return {}
-    pictures = pipe.generate(prompts, samples, seed).reshape(len(prompts), samples,
-                                                               *(pipe.image_size,) * 2, 3)
+    pictures = pipe.generate(prompts, samples, seed, progress=progress).reshape(
+        len(prompts), samples, *(pipe.image_size,) * 2, 3)
     for caption, group in zip(prompts, pictures):
         parsed = shapes.parse_caption(caption)
         reads = [_read(p) for p in group]
@@ -81,9 +102,12 @@ def _one_object(images, captions, limit):
     return images[keep], [captions[i] for i in keep]
 
 
-def variation_report(pipe, images, captions, num=4, seed=0, limit=100):
+def variation_report(pipe, images, captions, num=VARIATIONS, seed=0, limit=SOURCES,
+                     progress=None):
     images, captions = _one_object(images, captions, limit)
     out = pipe.variations(images, num, seed)
+    if progress is not None:
+        progress.update(len(out))
     kept = []
     for i, caption in enumerate(captions):
         obj = shapes.parse_caption(caption).objects[0]
@@ -94,7 +118,8 @@ def variation_report(pipe, images, captions, num=4, seed=0, limit=100):
             "keep_colour_and_shape": float(np.mean(kept))}
 
 
-def edit_report(pipe, images, captions, amounts=(0.3, 0.5, 0.7), seed=0, limit=100):
+def edit_report(pipe, images, captions, amounts=EDIT_AMOUNTS, seed=0, limit=SOURCES,
+                progress=None):
     images, captions = _one_object(images, captions, limit)
     rng = np.random.default_rng(seed)
     targets = [rng.choice(shapes.caption_variants(c, "colour")[1:]) for c in captions]
@@ -103,6 +128,8 @@ def edit_report(pipe, images, captions, amounts=(0.3, 0.5, 0.7), seed=0, limit=1
         ok = []
         for image, caption, target in zip(images, captions, targets):
             edited = pipe.edit(image, caption, target, amount, seed)[0]
+            if progress is not None:
+                progress.update(1)
             src = shapes.parse_caption(caption).objects[0]
             want = shapes.parse_caption(target).objects[0]
             _, before = _read(image)
@@ -113,16 +140,81 @@ def edit_report(pipe, images, captions, amounts=(0.3, 0.5, 0.7), seed=0, limit=1
     return {"sources": len(captions), "colour_changed_shape_and_position_kept": out}
 
 
-def run(pipe, num: int = 600, seed: int = 0, truncation: float = 1.0) -> tuple[dict, np.ndarray]:
+def picture_files(folder: str) -> list[str]:
+    """The pictures under `folder` (recursively, sorted). Raises EvaluateError if none."""
+    if not os.path.isdir(folder):
+        raise EvaluateError(f"--data {folder} is not a folder of pictures")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                   if f.lower().endswith(fid_lib.IMAGE_SUFFIXES))
+    if not paths:
+        raise EvaluateError(f"no pictures ({', '.join(fid_lib.IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def folder_batches(folder: str, size: int, batch_size: int = 64):
+    """uint8 [B, size, size, 3] batches of every picture under `folder`, each read (square
+    crop, resize) by images.load_image; a broken file is an ImageError naming it."""
+    paths = picture_files(folder)
+    for start in range(0, len(paths), batch_size):
+        yield np.stack([images_lib.load_image(p, size) for p in paths[start:start + batch_size]])
+
+
+def quality_report(pictures, captions, scorer: clip_score.CLIPScore, fid_net=None,
+                   real_batches=()) -> dict:
+    """CLIP score of the pictures against their captions; with an FID network, FID and KID
+    against the real pictures of `real_batches` (an iterable of uint8 batches)."""
+    report = {"images": len(pictures), "clip": scorer.label,
+              "clip_score": scorer.score(pictures, captions)["clip_score"]}
+    if fid_net is None:
+        return {**report, "fid": None, "kid_mean": None, "kid_std": None,
+                "fid_skipped": "no --fid-weights given"}
+    fake = fid_net.features(pictures)
+    real = np.concatenate([fid_net.features(b) for b in real_batches])
+    if min(len(fake), len(real)) < 2:
+        raise EvaluateError(f"FID and KID need at least 2 pictures per set, not {len(fake)} "
+                            f"generated and {len(real)} real")
+    kid_mean, kid_std = fid_lib.kid(fake, real)
+    return {**report, "real_images": len(real), "fid": fid_lib.fid(fake, real),
+            "kid_mean": kid_mean, "kid_std": kid_std,
+            "kid_subset_size": min(1000, len(fake), len(real))}
+
+
+def _pictures_to_draw(captions, num: int) -> int:
+    one_object = sum(len(shapes.parse_caption(c).objects) == 1 for c in captions)
+    sources = min(one_object, SOURCES)
+    return (2 * num + len(_diversity_prompts(captions)) * DIVERSITY_SAMPLES
+            + sources * (VARIATIONS + len(EDIT_AMOUNTS)))
+
+
+def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
+        fid_net=None, data: str | None = None, scorer: clip_score.CLIPScore | None = None,
+        progress: bool = True) -> tuple[dict, np.ndarray]:
+    """The report and its grid. `truncation` None is the generator's default (the GAN's 1.0;
+    unCLIP takes none). With `fid_net` (a metrics.fid.FID), FID/KID against the pictures
+    under `data`, or the eval split's own pictures when `data` is None."""
     images, captions = shapes.examples(range(num), split="eval", seed=0, size=pipe.image_size)
     t = time.perf_counter()
-    report = {"model": pipe.path, "eval_captions": num, "seed": seed, "truncation": truncation}
-    report["adherence"], pictures = adherence_report(pipe, captions, seed, truncation)
-    report["adherence_without_prior"], _ = adherence_report(pipe, captions, seed, truncation,
-                                                            use_prior=False)
-    report["diversity"] = diversity_report(pipe, captions, seed=seed)
-    report["variations"] = variation_report(pipe, images, captions, seed=seed)
-    report["edits"] = edit_report(pipe, images, captions, seed=seed)
+    options = pipe.options({} if truncation is None else {"truncation": truncation})
+    report = {"model": pipe.path, "generator": pipe.generator_name, "eval_captions": num,
+              "seed": seed, "truncation": options.get("truncation"), "options": options}
+    bar = tqdm(total=_pictures_to_draw(captions, num), unit="img", desc="sampling",
+               disable=not progress, file=sys.stderr)
+    with bar:
+        report["adherence"], pictures = adherence_report(pipe, captions, seed, truncation,
+                                                         progress=bar)
+        report["adherence_without_prior"], _ = adherence_report(
+            pipe, captions, seed, truncation, use_prior=False, progress=bar)
+        report["diversity"] = diversity_report(pipe, captions, seed=seed, progress=bar)
+        report["variations"] = variation_report(pipe, images, captions, seed=seed, progress=bar)
+        report["edits"] = edit_report(pipe, images, captions, seed=seed, progress=bar)
+    report["seconds_sampling"] = time.perf_counter() - t
+    real = [images] if data is None else folder_batches(data, pipe.image_size)
+    quality = quality_report(pictures, captions,
+                             scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real)
+    for key in ("fid", "kid_mean", "kid_std", "clip_score"):
+        report[key] = quality.pop(key)
+    quality["real"] = None if fid_net is None else data or "shapes eval split"
+    report["quality"] = quality  # what the four numbers above were measured on
     report["seconds"] = time.perf_counter() - t
     return report, images_lib.grid(np.stack([images[:48], pictures[:48]], 1).reshape(
         -1, *images.shape[1:]), cols=16)
@@ -163,7 +255,15 @@ def main(argv=None) -> int:
                         "model.npz); default: the shipped model")
     parser.add_argument("--num", type=int, default=600, help="eval captions")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--truncation", type=float, default=1.0)
+    parser.add_argument("--truncation", type=float,
+                        help="GAN: 1 = full diversity (default); smaller pulls toward the mean")
+    parser.add_argument("--generator", default="gan", choices=("gan", "unclip"),
+                        help="the model's generator (gan or unclip)")
+    parser.add_argument("--fid-weights", metavar="NPZ", help="the FID Inception weights "
+                        "(`python -m dalle_jax.metrics.fid convert inception_fid.npz`); "
+                        "without them FID and KID are skipped")
+    parser.add_argument("--data", metavar="DIR", help="real pictures FID/KID compare against "
+                        "(default: the shapes eval split at the model's resolution)")
     parser.add_argument("--out", default="report.json",
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
@@ -172,17 +272,36 @@ def main(argv=None) -> int:
     from dalle_jax.pipeline import Pipeline
     if not 1 <= args.num <= 100_000:
         return _error(f"--num must be between 1 and 100000, not {args.num}")
-    if not 0.0 <= args.truncation <= 2.0:
+    if args.truncation is not None and not 0.0 <= args.truncation <= 2.0:
         return _error(f"--truncation must be between 0 and 2, not {args.truncation}")
+    if args.truncation is not None and args.generator != "gan":
+        return _error(f"--truncation is not an option of the {args.generator} generator")
+    if args.data and not args.fid_weights:
+        return _error("--data sets the real pictures of FID/KID: give --fid-weights too")
+    if args.fid_weights and args.num < 2:
+        return _error(f"FID and KID need --num of at least 2, not {args.num}")
+    fid_net = None
+    try:  # the inputs are checked before the model runs for minutes
+        if args.data:
+            picture_files(args.data)
+        if args.fid_weights:
+            fid_net = fid_lib.FID.load(args.fid_weights)
+    except (EvaluateError, fid_lib.FIDError) as e:
+        return _error(one_line(str(e)))
     for path in output_paths(args.out):  # before the model runs for minutes
         problem = output_problem(path)
         if problem:
             return _error(one_line(problem))
     try:
-        pipe = Pipeline.load(args.checkpoint, batch_size=64)
+        pipe = Pipeline.load(args.checkpoint, generator=args.generator, batch_size=64)
     except bundle.BundleError as e:
         return _error(one_line(str(e)))
-    report, grid = run(pipe, args.num, args.seed, args.truncation)
+    if fid_net is None:
+        print("FID and KID skipped: no --fid-weights given", file=sys.stderr)
+    try:
+        report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data)
+    except (EvaluateError, fid_lib.FIDError, images_lib.ImageError) as e:
+        return _error(one_line(str(e)))
     try:
         _write(args.out, report, grid)
     except (OSError, images_lib.ImageError) as e:

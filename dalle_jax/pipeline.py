@@ -277,12 +277,13 @@ class Pipeline:
     # ---- pictures out -------------------------------------------------------------------
 
     def generate(self, prompts: list[str], num_per_prompt: int = 1, seed: int = 0,
-                 truncation: float | None = None, use_prior: bool = True,
+                 truncation: float | None = None, use_prior: bool = True, progress=None,
                  **options) -> np.ndarray:
         """num_per_prompt pictures per prompt, prompt-major: [len(prompts) * num, H, W, 3].
 
         `use_prior=False` decodes the text vector itself as if it were an image vector (no
-        prior), the baseline the prior is measured against. Other keywords are the
+        prior), the baseline the prior is measured against. `progress` (a tqdm bar, or any
+        object with `update(n)`) is told of each batch drawn. Other keywords are the
         generator's sampling options (`OPTIONS`)."""
         options = self.options(_with_truncation(options, truncation))
         tokens = self.tokenize(prompts)
@@ -290,7 +291,7 @@ class Pipeline:
         keys = picture_keys(seed, rows)
         idx = np.asarray([i for i, _ in rows], np.int64)
         fn = self._compile("generate" if use_prior else "generate_without_prior", options)
-        return self._chunked(fn, tokens[idx], keys)[0]
+        return self._chunked(fn, tokens[idx], keys, progress=progress)[0]
 
     def variations(self, images, num: int = 4, seed: int = 0, truncation: float | None = None,
                    **options) -> np.ndarray:
@@ -334,7 +335,7 @@ class Pipeline:
 
     # ---- compiled pieces ----------------------------------------------------------------
 
-    def _chunked(self, fn, *arrays):
+    def _chunked(self, fn, *arrays, progress=None):
         """Runs `fn(params, *chunk)` over fixed-size chunks (the last padded); concatenates."""
         n, b = len(arrays[0]), self.batch_size
         outs = []
@@ -345,6 +346,8 @@ class Pipeline:
                 part = [np.concatenate([a, np.repeat(a[-1:], b - m, 0)]) for a in part]
             out = fn(self.params, *part)
             outs.append([np.asarray(o)[:m] for o in (out if isinstance(out, tuple) else (out,))])
+            if progress is not None:
+                progress.update(m)
         if not outs:
             return [np.zeros((0, self.image_size, self.image_size, 3), np.uint8)]
         return [np.concatenate(parts) for parts in zip(*outs)]
