@@ -32,8 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_gan.py")
 
 
-def bench_stage(stage: str, steps: int):
-    config = config_lib.load(CONFIG, [f"{stage}.progress_bar=False"])
+def bench_stage(stage: str, steps: int, overrides: tuple[str, ...] = ()):
+    config = config_lib.load(CONFIG, [f"{stage}.progress_bar=False", *overrides])
     stage_config = config[stage]
     clip_params = clip_family.CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     task = stages.build_task(stage_config, clip_params, config.clip)
