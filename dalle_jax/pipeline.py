@@ -35,6 +35,7 @@ from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import flow_prior
 from dalle_jax.models import gan as gan_lib
 from dalle_jax.tokenizer import Tokenizer
+from dalle_jax.train import clip as clip_family
 
 # Each generator's sampling options and their defaults (`variations` overrides some: a
 # variation is drawn with fresh noise, so DDIM runs with eta 1 there, as unCLIP's paper does).
@@ -336,21 +337,13 @@ class Pipeline:
     # ---- compiled pieces ----------------------------------------------------------------
 
     def _chunked(self, fn, *arrays, progress=None):
-        """Runs `fn(params, *chunk)` over fixed-size chunks (the last padded); concatenates."""
-        n, b = len(arrays[0]), self.batch_size
-        outs = []
-        for start in range(0, n, b):
-            part = [a[start:start + b] for a in arrays]
-            m = len(part[0])
-            if m < b:
-                part = [np.concatenate([a, np.repeat(a[-1:], b - m, 0)]) for a in part]
-            out = fn(self.params, *part)
-            outs.append([np.asarray(o)[:m] for o in (out if isinstance(out, tuple) else (out,))])
-            if progress is not None:
-                progress.update(m)
-        if not outs:
+        """`fn(params, *chunk)` over fixed-size chunks of `batch_size` (train.clip.batched);
+        a list of the outputs."""
+        if not len(arrays[0]):
             return [np.zeros((0, self.image_size, self.image_size, 3), np.uint8)]
-        return [np.concatenate(parts) for parts in zip(*outs)]
+        out = clip_family.batched(functools.partial(fn, self.params), *arrays,
+                                  chunk=self.batch_size, progress=progress)
+        return list(out) if isinstance(out, tuple) else [out]
 
     @functools.cached_property
     def _text_fn(self):

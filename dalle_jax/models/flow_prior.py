@@ -87,9 +87,15 @@ def init(model: FlowPrior, rng, context_length: int, embed_mean=None, embed_std=
     x = jnp.zeros((1, c.embed_dim))
     net = model.init(rng, x, jnp.zeros((1,)), x, jnp.zeros((1, context_length, c.token_dim)),
                      jnp.ones((1, context_length), bool))["params"]
+    return with_embed_stats(net, c.embed_dim, embed_mean, embed_std)
+
+
+def with_embed_stats(net, embed_dim: int, embed_mean=None, embed_std=None) -> dict:
+    """A prior's parameters: the network's beside the embedding statistics (identity when
+    none are given), shared by the flow and diffusion priors."""
     return {"net": net,
-            "embed_mean": jnp.zeros(c.embed_dim) if embed_mean is None else jnp.asarray(embed_mean),
-            "embed_std": jnp.ones(c.embed_dim) if embed_std is None else jnp.asarray(embed_std)}
+            "embed_mean": jnp.zeros(embed_dim) if embed_mean is None else jnp.asarray(embed_mean),
+            "embed_std": jnp.ones(embed_dim) if embed_std is None else jnp.asarray(embed_std)}
 
 
 def standardise(params, embed):

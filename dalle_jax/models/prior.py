@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import diffusion
-from dalle_jax.models.flow_prior import timestep_embedding
+from dalle_jax.models.flow_prior import standardise, timestep_embedding, with_embed_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +111,7 @@ def init(model: DiffusionPrior, rng, context_length: int, embed_mean=None, embed
     x = jnp.zeros((1, c.embed_dim))
     net = model.init(rng, x, jnp.ones((1,)), x, jnp.zeros((1, context_length, c.token_dim)),
                      jnp.ones((1, context_length), bool), jnp.zeros((1,), bool))["params"]
-    return {"net": net,
-            "embed_mean": jnp.zeros(c.embed_dim) if embed_mean is None else jnp.asarray(embed_mean),
-            "embed_std": jnp.ones(c.embed_dim) if embed_std is None else jnp.asarray(embed_std)}
-
-
-def standardise(params, embed):
-    stop = jax.lax.stop_gradient  # statistics of the data, not parameters to learn
-    return (embed - stop(params["embed_mean"])) / stop(params["embed_std"])
+    return with_embed_stats(net, c.embed_dim, embed_mean, embed_std)
 
 
 def unstandardise(params, x):

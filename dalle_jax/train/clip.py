@@ -68,10 +68,10 @@ def _encoders(model):
     return image, text
 
 
-def batched(fn, *arrays, chunk: int = 256):
+def batched(fn, *arrays, chunk: int = 256, progress=None):
     """`fn(*chunk_of_each_array)` over fixed-size chunks (the last padded by repeating its
     final row), so `fn` compiles once; returns the outputs concatenated, padding dropped (a
-    tuple when `fn` returns one)."""
+    tuple when `fn` returns one). `progress.update(rows)` is called after each chunk."""
     n = len(arrays[0])
     outs = []
     for start in range(0, n, chunk):
@@ -81,6 +81,8 @@ def batched(fn, *arrays, chunk: int = 256):
             part = [np.concatenate([a, np.repeat(a[-1:], chunk - m, 0)]) for a in part]
         out = fn(*part)
         outs.append([np.asarray(o)[:m] for o in (out if isinstance(out, tuple) else (out,))])
+        if progress is not None:
+            progress.update(m)
     if not outs:
         return np.zeros((0,), np.float32)
     result = tuple(np.concatenate(parts) for parts in zip(*outs))

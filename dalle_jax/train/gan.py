@@ -201,13 +201,18 @@ class GANTask:
         fake = clip_family.batched(
             functools.partial(self._render, params["generator"], self.frozen["clip"]),
             pipeline.to_float_images(images), tokens, keys, chunk=100)
-        fakes = pipeline.to_uint8_images(fake)
-        results = adherence.summary(adherence.score_batch(fakes, captions), captions)
-        workdir = getattr(self, "workdir", None)
-        if workdir and jax.process_index() == 0:
-            pairs = np.stack([images[:32], fakes[:32]], 1).reshape(-1, *images.shape[1:])
-            images_lib.save_png(os.path.join(workdir, f"samples_{step or 0:06d}.png"),
-                                images_lib.grid(pairs, cols=16), {"caption": "real | decoded"},
-                                scale=2)
-        return {f"decoder_adherence/{k}": v for k, v in results.items() if not k.startswith("n_")}
+        return decoder_report(images, pipeline.to_uint8_images(fake), captions,
+                              getattr(self, "workdir", None), step)
+
+
+def decoder_report(images, fakes, captions, workdir, step) -> dict[str, float]:
+    """Any decoder's evaluation: adherence of the pictures it re-drew (`fakes`, uint8) for the
+    eval `images` and their captions, and a grid of real | decoded pairs in `workdir`."""
+    results = adherence.summary(adherence.score_batch(fakes, captions), captions)
+    if workdir and jax.process_index() == 0:
+        pairs = np.stack([images[:32], fakes[:32]], 1).reshape(-1, *images.shape[1:])
+        images_lib.save_png(os.path.join(workdir, f"samples_{step or 0:06d}.png"),
+                            images_lib.grid(pairs, cols=16), {"caption": "real | decoded"},
+                            scale=2)
+    return {f"decoder_adherence/{k}": v for k, v in results.items() if not k.startswith("n_")}
 

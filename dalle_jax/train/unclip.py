@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from dalle_jax import images as images_lib
 from dalle_jax.data import pipeline, shapes
-from dalle_jax.metrics import adherence
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import unet as unet_lib
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
+from dalle_jax.train.gan import decoder_report
 from dalle_jax.train.prior import clip_conditions
 
 
@@ -194,11 +192,4 @@ class DiffusionDecoderTask:
 
         fakes = pipeline.to_uint8_images(clip_family.batched(
             fn, pipeline.to_float_images(images), tokens, keys, chunk=min(100, n)))
-        results = adherence.summary(adherence.score_batch(fakes, captions), captions)
-        workdir = getattr(self, "workdir", None)
-        if workdir and jax.process_index() == 0:
-            pairs = np.stack([images[:32], fakes[:32]], 1).reshape(-1, *images.shape[1:])
-            images_lib.save_png(os.path.join(workdir, f"samples_{step or 0:06d}.png"),
-                                images_lib.grid(pairs, cols=16), {"caption": "real | decoded"},
-                                scale=2)
-        return {f"decoder_adherence/{k}": v for k, v in results.items() if not k.startswith("n_")}
+        return decoder_report(images, fakes, captions, getattr(self, "workdir", None), step)
