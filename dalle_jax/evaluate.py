@@ -2,6 +2,11 @@
 
     python -m dalle_jax.evaluate [--checkpoint workdir/model.npz] [--num 600] [--out report.json]
         [--generator gan|unclip] [--fid-weights inception_fid.npz [--data DIR]]
+        [--captions SHARDS_OR_FOLDER]
+
+With --captions the model is judged on image-text data instead (the emoji corpus's eval/, say):
+one picture per caption, CLIP score, and FID/KID against those captions' own pictures; the
+shapes-only reports below are skipped.
 
 Reports (JSON, and a short table on stdout):
   quality      over the pictures drawn for the eval captions (one each, with the prior): CLIP
@@ -34,7 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_jax import images as images_lib
-from dalle_jax.data import shapes
+from dalle_jax.data import pipeline, shapes
+from dalle_jax.data.files import DataError
 from dalle_jax.metrics import adherence, clip_score
 from dalle_jax.metrics import fid as fid_lib
 
@@ -220,6 +226,39 @@ def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
         -1, *images.shape[1:]), cols=16)
 
 
+def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
+                  truncation: float | None = None, fid_net=None, data: str | None = None,
+                  scorer: clip_score.CLIPScore | None = None,
+                  progress: bool = True) -> tuple[dict, np.ndarray]:
+    """The report and grid on image-text data instead of shapes: one picture for each caption
+    of the first `num` usable pictures at `path` (shards or a folder with captions, e.g. the
+    emoji corpus's held-out split), its CLIP score and, with `fid_net`, FID/KID against those
+    same pictures (or every picture under `data`). Adherence needs shapes and is not run."""
+    try:
+        images, captions = pipeline.read_examples(path, pipe.image_size, num)
+    except DataError as e:
+        raise EvaluateError(f"--captions {path}: {e}") from e
+    t = time.perf_counter()
+    options = pipe.options({} if truncation is None else {"truncation": truncation})
+    report = {"model": pipe.path, "generator": pipe.generator_name, "captions_from": path,
+              "eval_captions": len(captions), "seed": seed,
+              "truncation": options.get("truncation"), "options": options}
+    with tqdm(total=len(captions), unit="img", desc="sampling", disable=not progress,
+              file=sys.stderr) as bar:
+        pictures = pipe.generate(captions, 1, seed, truncation, progress=bar)
+    report["seconds_sampling"] = time.perf_counter() - t
+    real = [images] if data is None else folder_batches(data, pipe.image_size)
+    quality = quality_report(pictures, captions,
+                             scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real)
+    for key in ("fid", "kid_mean", "kid_std", "clip_score"):
+        report[key] = quality.pop(key)
+    quality["real"] = None if fid_net is None else data or path
+    report["quality"] = quality
+    report["seconds"] = time.perf_counter() - t
+    return report, images_lib.grid(np.stack([images[:48], pictures[:48]], 1).reshape(
+        -1, *images.shape[1:]), cols=16)
+
+
 def output_paths(out: str) -> tuple[str, str]:
     """(report JSON, grid PNG beside it): report.json -> report.png; a report named *.png
     gets its grid as *.grid.png, never the same file."""
@@ -263,7 +302,11 @@ def main(argv=None) -> int:
                         "(`python -m dalle_jax.metrics.fid convert inception_fid.npz`); "
                         "without them FID and KID are skipped")
     parser.add_argument("--data", metavar="DIR", help="real pictures FID/KID compare against "
-                        "(default: the shapes eval split at the model's resolution)")
+                        "(default: the shapes eval split at the model's resolution, or the "
+                        "--captions pictures)")
+    parser.add_argument("--captions", metavar="PATH", help="judge on image-text data instead "
+                        "of shapes: the captions (and real pictures) of these shards or this "
+                        "folder, e.g. the emoji corpus's eval/; adherence is skipped")
     parser.add_argument("--out", default="report.json",
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
@@ -284,6 +327,8 @@ def main(argv=None) -> int:
     try:  # the inputs are checked before the model runs for minutes
         if args.data:
             picture_files(args.data)
+        if args.captions and not os.path.exists(args.captions.split("{")[0].split("*")[0]):
+            raise EvaluateError(f"--captions {args.captions}: no such file or folder")
         if args.fid_weights:
             fid_net = fid_lib.FID.load(args.fid_weights)
     except (EvaluateError, fid_lib.FIDError) as e:
@@ -299,7 +344,11 @@ def main(argv=None) -> int:
     if fid_net is None:
         print("FID and KID skipped: no --fid-weights given", file=sys.stderr)
     try:
-        report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data)
+        if args.captions:
+            report, grid = run_captioned(pipe, args.captions, args.num, args.seed,
+                                         args.truncation, fid_net, args.data)
+        else:
+            report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data)
     except (EvaluateError, fid_lib.FIDError, images_lib.ImageError) as e:
         return _error(one_line(str(e)))
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from dalle_jax import evaluate
 from dalle_jax import images as images_lib
-from dalle_jax.data import shapes
+from dalle_jax.data import pipeline, shapes, shards
 from dalle_jax.metrics import clip_score
 from dalle_jax.metrics import fid as fid_lib
 from dalle_jax.pipeline import Pipeline, shipped_path
@@ -204,3 +204,29 @@ def test_command_without_weights_skips_fid(model_file, tmp_path, capsys):
     assert report["quality"]["fid_skipped"] == "no --fid-weights given"
     assert 0.0 <= report["clip_score"] <= 100.0 and report["quality"]["images"] == 2
     assert os.path.isfile(str(tmp_path / "report.png"))
+
+
+def test_evaluate_on_captions_from_shards(pipe, model_file, tmp_path, capsys):
+    """run_captioned draws one picture per caption of the shards and scores exactly those
+    pictures; the command writes the report and grid, and names a missing path in one line."""
+    s = pipe.image_size
+    shards.write_from_shapes(6, str(tmp_path / "eval"), per_shard=4, size=s, split="eval")
+    real, captions = pipeline.read_examples(str(tmp_path / "eval"), s, 6)
+    report, grid = evaluate.run_captioned(pipe, str(tmp_path / "eval"), 6, seed=2,
+                                          fid_net=PixelFeatures(s), progress=False)
+    drawn = pipe.generate(captions, 1, seed=2)
+    want = clip_score.CLIPScore.from_pipeline(pipe).score(drawn, captions)["clip_score"]
+    assert report["clip_score"] == pytest.approx(want, rel=1e-5)
+    assert report["eval_captions"] == 6 and report["quality"]["real_images"] == 6
+    assert report["fid"] > 0 and "adherence" not in report
+    assert grid.shape[0] > s and grid.dtype == np.uint8
+    out = str(tmp_path / "r.json")
+    assert evaluate.main(["--checkpoint", model_file, "--captions", str(tmp_path / "eval"),
+                          "--num", "3", "--out", out]) == 0
+    with open(out) as f:
+        assert json.load(f)["eval_captions"] == 3
+    assert (tmp_path / "r.png").is_file()
+    capsys.readouterr()
+    assert evaluate.main(["--captions", str(tmp_path / "nothing"), "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --captions {tmp_path / 'nothing'}: "
+                                               "no such file or folder")

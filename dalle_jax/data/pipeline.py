@@ -25,8 +25,10 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
+import glob
 import json
 import logging
+import os
 import unicodedata
 import weakref
 
@@ -457,7 +459,63 @@ class ExampleBatchIterator(grain.DatasetIterator):
         self.stream.restore(state)
 
 
+def eval_examples(data_config, count: int):
+    """A fixed evaluation set: (uint8 images [N, H, W, 3], captions), at most `count`.
+
+    Shapes: the first `count` examples of the eval split. Image-text data: the first `count`
+    usable records of `data.eval_path` (a folder or shards, like `data.path`) in file order,
+    centre-cropped; unusable records are passed over."""
+    if data_config.name == "shapes":
+        return _shapes_examples("eval", data_config.seed, data_config.image_size, 0, count)
+    path = data_config.get("eval_path")
+    if not path:
+        raise DataError(f"evaluation on data.name={data_config.name} needs data.eval_path "
+                        "(held-out pictures with captions, a folder or shards)")
+    return _file_examples(data_config.name, path, data_config.image_size, count)
+
+
+def reference_examples(data_config, count: int):
+    """Training pictures for statistics (the CLIP image vectors' mean and spread): a fixed
+    stretch of the shapes train stream far past what early steps read, or the first `count`
+    usable records of `data.path`."""
+    if data_config.name == "shapes":
+        return _shapes_examples("train", data_config.seed, data_config.image_size, 10 ** 9,
+                                count)
+    return _file_examples(data_config.name, data_config.path, data_config.image_size, count)
+
+
 @functools.lru_cache(maxsize=8)
-def eval_examples(split: str, seed: int, image_size: int, count: int):
-    """A fixed evaluation set: (uint8 images [N, H, W, 3], captions)."""
-    return shapes.examples(range(count), split=split, seed=seed, size=image_size)
+def _shapes_examples(split: str, seed: int, image_size: int, start: int, count: int):
+    return shapes.examples(range(start, start + count), split=split, seed=seed, size=image_size)
+
+
+def read_examples(path: str, image_size: int, count: int):
+    """The first `count` usable captioned pictures at `path`, centre-cropped: tar shards when
+    `path` is a .tar file, a pattern, or a folder holding .tar files; else a folder of
+    pictures with captions beside them. (uint8 [N, size, size, 3], captions)."""
+    is_shards = (not os.path.isdir(path)
+                 or glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+    return _file_examples("shards" if is_shards else "folder", path, image_size, count)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_examples(name: str, path: str, image_size: int, count: int):
+    sources = {"folder": files.FolderSource, "shards": shards.ShardSource}
+    if name not in sources:
+        raise ValueError(f"unknown dataset {name!r}; valid: shapes, {', '.join(sources)}")
+    source = sources[name](path)
+    images, captions = [], []
+    for unit in range(len(source.units)):
+        try:
+            for record in source.read(unit):
+                image, caption, _ = example_of(record, image_size)
+                if image is not None:
+                    images.append(image)
+                    captions.append(caption)
+                if len(images) == count:
+                    return np.stack(images), captions
+        except shards.DamagedShardError:
+            continue  # what it held before the damage was read
+    if not images:
+        raise DataError(f"no usable captioned pictures in {path}")
+    return np.stack(images), captions

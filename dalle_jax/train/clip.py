@@ -1,4 +1,5 @@
-"""CLIP family: model from the config, the contrastive loss, zero-shot evaluation on shapes."""
+"""CLIP family: model from the config, the contrastive loss, and its evaluation: zero-shot
+attribute accuracy on shapes, retrieval accuracy on other image-text data."""
 
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ class CLIPTask:
 
     def evaluate(self, params, step: int | None = None) -> dict[str, float]:
         del step
-        return zero_shot_accuracy(self.model, params, self.config.data,
-                                  self.config.eval.num_examples)
+        evaluate = zero_shot_accuracy if self.config.data.name == "shapes" else retrieval_accuracy
+        return evaluate(self.model, params, self.config.data, self.config.eval.num_examples)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,8 +113,7 @@ def zero_shot_accuracy(model, params, data_config, num_examples: int) -> dict[st
     swapped between the objects, and against the reversed relation (chance is 50%).
     Reported overall and on the held-out colour-shape pairs.
     """
-    images, captions = pipeline.eval_examples("eval", data_config.seed, data_config.image_size,
-                                              num_examples)
+    images, captions = pipeline.eval_examples(data_config, num_examples)
     image_embed = embed_images(model, params, images)
     # Build every candidate list first, then encode all texts in one batched pass.
     groups = []  # (metric name, held_out, example index, candidate captions)
@@ -144,3 +144,37 @@ def zero_shot_accuracy(model, params, data_config, num_examples: int) -> dict[st
         if held:
             hits[f"zero_shot_held_out/{name}"].append(correct)
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+
+
+def retrieval_accuracy(model, params, data_config, num_examples: int,
+                       ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Zero-shot retrieval on the eval pictures and their captions (`data.eval_path`): how
+    often the true caption is among the k captions closest to a picture (image -> text), and
+    the true picture among the k closest to its caption (text -> image). Pictures that share
+    a caption count as the same answer. Chance is about k / N for N examples (reported)."""
+    images, captions = pipeline.eval_examples(data_config, num_examples)
+    image_embed = embed_images(model, params, images)
+    distinct = sorted(set(captions))
+    text_embed = embed_texts(model, params, distinct, data_config.context_length)
+    column = {c: j for j, c in enumerate(distinct)}
+    truth = np.array([column[c] for c in captions])
+    return {"retrieval/examples": float(len(captions)),
+            **retrieval_scores(image_embed @ text_embed.T, truth, ks)}
+
+
+def retrieval_scores(sims: np.ndarray, truth: np.ndarray,
+                     ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k retrieval both ways from similarities [N pictures, M distinct captions], picture
+    i's caption being column truth[i]: image -> text over the pictures, text -> image over
+    the captions (a hit is any picture of that caption among the k closest)."""
+    num_texts = sims.shape[1]
+    results = {}
+    for k in ks:
+        top_texts = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        results[f"retrieval/image_to_text_top{k}"] = float(np.mean(np.any(
+            top_texts == truth[:, None], axis=1)))
+        top_images = np.argsort(-sims.T, axis=1, kind="stable")[:, :k]
+        results[f"retrieval/text_to_image_top{k}"] = float(np.mean(np.any(
+            truth[top_images] == np.arange(num_texts)[:, None], axis=1)))
+        results[f"retrieval/chance_top{k}"] = min(1.0, k / num_texts)
+    return results

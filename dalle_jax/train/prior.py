@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from dalle_jax.data import pipeline, shapes
+from dalle_jax.data import pipeline
 from dalle_jax.models import flow_prior
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
@@ -46,8 +46,7 @@ class PriorTask:
         """Per-dimension mean and spread of the frozen CLIP's image vectors over training
         pictures (a fixed stretch of the stream, far past what early steps read)."""
         d = self.config.data
-        images, _ = shapes.examples(range(10 ** 9, 10 ** 9 + count), split="train",
-                                    seed=d.seed, size=d.image_size)
+        images, _ = pipeline.reference_examples(d, count)
         embed = clip_family.embed_images(self.clip_model, self.frozen["clip"], images)
         return embed.mean(0), embed.std(0) + 1e-4
 
@@ -70,8 +69,7 @@ def prior_cosine(model, params, clip_model, clip_params, data_config, num_exampl
                  seed: int = 0) -> dict[str, float]:
     """Mean cosine(sampled image vector, true image vector) on the eval split, beside the
     baseline of taking the text vector itself as the image vector (no prior)."""
-    images, captions = pipeline.eval_examples("eval", data_config.seed, data_config.image_size,
-                                              num_examples)
+    images, captions = pipeline.eval_examples(data_config, num_examples)
     tokens = Tokenizer()(captions, context_length=data_config.context_length)
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), len(captions)))
     sampled, true, text = clip_family.batched(

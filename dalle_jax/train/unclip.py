@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from dalle_jax.data import pipeline, shapes
+from dalle_jax.data import pipeline
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import unet as unet_lib
@@ -88,17 +88,15 @@ def _conditions(clip_model, clip_params, images, tokens):
 def embed_stats(clip_model, clip_params, data_config, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and spread of the frozen CLIP's image vectors over training pictures
     (a fixed stretch of the stream far past what early steps read), as the flow prior's task."""
-    images, _ = shapes.examples(range(10 ** 9, 10 ** 9 + count), split="train",
-                                seed=data_config.seed, size=data_config.image_size)
+    images, _ = pipeline.reference_examples(data_config, count)
     embed = clip_family.embed_images(clip_model, clip_params, images)
     return embed.mean(0), embed.std(0) + 1e-4
 
 
 def _eval_set(data_config, count: int):
-    images, captions = pipeline.eval_examples("eval", data_config.seed, data_config.image_size,
-                                              count)
+    images, captions = pipeline.eval_examples(data_config, count)
     tokens = Tokenizer()(captions, context_length=data_config.context_length)
-    keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), count))
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(0), len(captions)))
     return images, captions, tokens, keys
 
 
@@ -192,4 +190,7 @@ class DiffusionDecoderTask:
 
         fakes = pipeline.to_uint8_images(clip_family.batched(
             fn, pipeline.to_float_images(images), tokens, keys, chunk=min(100, n)))
-        return decoder_report(images, fakes, captions, getattr(self, "workdir", None), step)
+        return decoder_report(images, fakes, captions, getattr(self, "workdir", None), step,
+                              self.config.data.name,
+                              functools.partial(clip_family.embed_images, self.clip_model,
+                                                self.frozen["clip"]))
