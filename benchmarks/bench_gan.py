@@ -32,8 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_gan.py")
 
 
-def bench_stage(stage: str, steps: int, overrides: tuple[str, ...] = ()):
-    config = config_lib.load(CONFIG, [f"{stage}.progress_bar=False", *overrides])
+def bench_stage(stage: str, steps: int, overrides: tuple[str, ...] = (), config: str = CONFIG):
+    """One stage of a pipeline config (default: the GAN's), timed on random weights."""
+    config = config_lib.load(config, [f"{stage}.progress_bar=False", *overrides])
     stage_config = config[stage]
     clip_params = clip_family.CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     task = stages.build_task(stage_config, clip_params, config.clip)
@@ -56,7 +57,7 @@ def bench_stage(stage: str, steps: int, overrides: tuple[str, ...] = ()):
     params = sum(x.size for x in jax.tree.leaves(state.params))
     b = stage_config.data.global_batch
     return dict(batch=b, params=params, step_s=step_time, images_per_s=b / step_time,
-                flops=flops, gflops_per_s=flops / step_time / 1e9)
+                flops=flops, gflops_per_s=flops / step_time / 1e9, family=stage_config.family)
 
 
 def bench_sampling(pipe_path: str | None, batch: int, reps: int):

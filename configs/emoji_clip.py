@@ -24,8 +24,8 @@ def _shapes_clip():
 
 def get_config():
     c = _shapes_clip()  # the same model, optimiser and loop; the data and budget differ
-    c.total_steps = 600
-    # ~3,400 training emoji: 600 steps of 128 are ~23 epochs. Random crops along the longer
+    c.total_steps = 400
+    # ~3,400 training emoji: 400 steps of 128 are ~15 epochs. Random crops along the longer
     # side do nothing to square pictures; caption dropout is the generators' business.
     c.data = dict(name="shards", path="data/emoji/train", eval_path="data/emoji/eval",
                   split="train", seed=0, image_size=64, context_length=24, global_batch=128,
