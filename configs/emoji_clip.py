@@ -24,15 +24,16 @@ def _shapes_clip():
 
 def get_config():
     c = _shapes_clip()  # the same model, optimiser and loop; the data and budget differ
-    c.total_steps = 400
-    # ~3,400 training emoji: 400 steps of 128 are ~15 epochs. Random crops along the longer
-    # side do nothing to square pictures; caption dropout is the generators' business.
+    c.total_steps = 200
+    # ~3,400 training emoji: 200 steps of 128 are ~8 epochs (a 2-core CPU's budget). Random
+    # crops along the longer side do nothing to square pictures; caption dropout is the
+    # generators' business.
     c.data = dict(name="shards", path="data/emoji/train", eval_path="data/emoji/eval",
                   split="train", seed=0, image_size=64, context_length=24, global_batch=128,
                   num_threads=2, hard_negatives=0, shuffle_buffer=1000, caption_dropout=0.0,
                   random_crop=False)
     c.optim.warmup_steps = 60
-    c.eval_every = 200
+    c.eval_every = 100
     c.eval = dict(num_examples=400, use_ema=False)
-    c.checkpoint_every = 200
+    c.checkpoint_every = 100
     return ml_collections.ConfigDict(c)

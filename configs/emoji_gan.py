@@ -28,17 +28,17 @@ def get_config():
     c.clip = _load("emoji_clip.py")
     data = c.clip.data.to_dict()
     c.prior.data = dict(data, global_batch=128)
-    c.prior.total_steps = 300
+    c.prior.total_steps = 200
     c.prior.optim.warmup_steps = 40
-    c.prior.eval_every = 200
+    c.prior.eval_every = 100
     c.prior.eval = dict(num_examples=382, use_ema=True)
-    c.prior.checkpoint_every = 200
+    c.prior.checkpoint_every = 100
 
     c.decoder.data = dict(data, global_batch=32)
-    c.decoder.total_steps = 800
+    c.decoder.total_steps = 500
     c.decoder.model.channels = (64, 64, 32, 16, 16)   # 4, 8, 16, 32, 64 px
     c.decoder.model.d_channels = (16, 16, 32, 64, 128)
-    c.decoder.eval_every = 400
+    c.decoder.eval_every = 250
     c.decoder.eval = dict(num_examples=128, use_ema=True)
-    c.decoder.checkpoint_every = 200
+    c.decoder.checkpoint_every = 100
     return ml_collections.ConfigDict(c)

@@ -41,14 +41,14 @@ def get_config():
     c.prior.eval_every = 500
     c.prior.eval = dict(num_examples=500, use_ema=True, sample_steps=25, guidance_scale=1.0)
 
-    # ~21 images/s on this CPU: 1,200 steps of 64 are about an hour.
-    c.decoder = gan._common("diffusion_decoder", total_steps=1200, global_batch=64, lr=1e-3,
+    # ~21 images/s on this CPU: 1,000 steps of 64 are about 50 minutes.
+    c.decoder = gan._common("diffusion_decoder", total_steps=1000, global_batch=64, lr=1e-3,
                             ema_decay=0.995)
     c.decoder.optim.clip_norm = 1.0
     c.decoder.model = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                            attention_resolutions=(8,), num_heads=4, context_dim=64,
                            num_image_tokens=4, schedule="cosine", num_timesteps=1000,
                            prediction="eps", image_drop_prob=0.1, text_drop_prob=0.5)
-    c.decoder.eval_every = 400
+    c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=200, use_ema=True, sample_steps=25, guidance_scale=3.0)
     return c
