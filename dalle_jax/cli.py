@@ -75,7 +75,7 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, help="unCLIP: decoder classifier-free "
                         "guidance (default 3; 1 = none)")
     parser.add_argument("--eta", type=float, help="unCLIP: DDIM eta, 0 deterministic, 1 "
-                        "ancestral (default 0; 1 for --variations)")
+                        "ancestral (default 1)")
     parser.add_argument("--prior-steps", type=int, help="unCLIP: prior DDIM steps (default 25)")
     parser.add_argument("--prior-guidance-scale", type=float,
                         help="unCLIP: prior classifier-free guidance (default 1)")
