@@ -30,6 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_clip.py")
 
 
+def cpu_name() -> str:
+    """The CPU's model name from lscpu, else what platform knows."""
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split(
+            "Model name:")[1].splitlines()[0].strip()
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> float:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)

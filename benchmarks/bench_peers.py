@@ -47,7 +47,6 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -59,7 +58,7 @@ from jax._src.interpreters import partial_eval as pe  # noqa: E402  (dce_jaxpr: 
 
 import bench_gan  # noqa: E402
 import bench_unclip  # noqa: E402
-from bench_clip import compiled_flops, matmul_peak_gflops  # noqa: E402
+from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops  # noqa: E402
 from dalle_jax import config as config_lib  # noqa: E402
 from dalle_jax.models import prior as prior_lib  # noqa: E402
 from dalle_jax.models import unet as unet_lib  # noqa: E402
@@ -397,12 +396,7 @@ class Report:
 
 
 def header(peak: float, args, versions: dict) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split(
-            "Model name:")[1].splitlines()[0].strip()
-    except (OSError, IndexError):
-        pass
+    cpu = cpu_name()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     peers = ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "not run"

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 
@@ -25,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bench_clip import compiled_flops, matmul_peak_gflops
+from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops
 from dalle_jax import sharding
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import loop, unclip
@@ -102,12 +100,7 @@ def main():
         remat=False, dtype="float32"))
     clip_params = jax.jit(clip_family.CLIPTask(clip_config).init_params)(jax.random.PRNGKey(0))
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split(
-            "Model name:")[1].splitlines()[0].strip()
-    except (OSError, IndexError):
-        pass
+    cpu = cpu_name()
     print(f"# {args.size} models on {jax.device_count()} x {jax.devices()[0].platform} ({cpu}, "
           f"{os.cpu_count()} cores); float32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s")
 

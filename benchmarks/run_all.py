@@ -124,12 +124,7 @@ def machine_header(peaks: dict[str, float], args) -> list[str]:
                                           capture_output=True, text=True).stdout.strip()
     except OSError:
         pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split(
-            "Model name:")[1].splitlines()[0].strip()
-    except (OSError, IndexError):
-        pass
+    cpu = bench_clip.cpu_name()
     device = jax.devices()[0]
     mode = "quick" if args.quick else "full"
     peak_text = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())

@@ -213,17 +213,8 @@ def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
         report["diversity"] = diversity_report(pipe, captions, seed=seed, progress=bar)
         report["variations"] = variation_report(pipe, images, captions, seed=seed, progress=bar)
         report["edits"] = edit_report(pipe, images, captions, seed=seed, progress=bar)
-    report["seconds_sampling"] = time.perf_counter() - t
-    real = [images] if data is None else folder_batches(data, pipe.image_size)
-    quality = quality_report(pictures, captions,
-                             scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real)
-    for key in ("fid", "kid_mean", "kid_std", "clip_score"):
-        report[key] = quality.pop(key)
-    quality["real"] = None if fid_net is None else data or "shapes eval split"
-    report["quality"] = quality  # what the four numbers above were measured on
-    report["seconds"] = time.perf_counter() - t
-    return report, images_lib.grid(np.stack([images[:48], pictures[:48]], 1).reshape(
-        -1, *images.shape[1:]), cols=16)
+    return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data,
+                   "shapes eval split", t)
 
 
 def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
@@ -246,14 +237,20 @@ def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
     with tqdm(total=len(captions), unit="img", desc="sampling", disable=not progress,
               file=sys.stderr) as bar:
         pictures = pipe.generate(captions, 1, seed, truncation, progress=bar)
+    return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, path, t)
+
+
+def _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, real_name, t):
+    """Both reports' end: quality (CLIP score; FID/KID against `images`, or every picture
+    under `data`), timings, and the grid of real | generated pairs."""
     report["seconds_sampling"] = time.perf_counter() - t
     real = [images] if data is None else folder_batches(data, pipe.image_size)
     quality = quality_report(pictures, captions,
                              scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real)
     for key in ("fid", "kid_mean", "kid_std", "clip_score"):
         report[key] = quality.pop(key)
-    quality["real"] = None if fid_net is None else data or path
-    report["quality"] = quality
+    quality["real"] = None if fid_net is None else data or real_name
+    report["quality"] = quality  # what the four numbers above were measured on
     report["seconds"] = time.perf_counter() - t
     return report, images_lib.grid(np.stack([images[:48], pictures[:48]], 1).reshape(
         -1, *images.shape[1:]), cols=16)

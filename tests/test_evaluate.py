@@ -5,7 +5,6 @@ default, the whole command with the real FID Inception on a tiny random model un
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,24 +14,13 @@ from dalle_jax.data import pipeline, shapes, shards
 from dalle_jax.metrics import clip_score
 from dalle_jax.metrics import fid as fid_lib
 from dalle_jax.pipeline import Pipeline, shipped_path
-from dalle_jax.train import stages
-from dalle_jax.train.clip import CLIPTask
-from dalle_jax.train.gan import GANTask
-from dalle_jax.train.prior import PriorTask
-from test_generation import small_config
+from test_generation import write_random_model
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """A randomly initialised pipeline written as a model file, as training would."""
-    config = small_config()
-    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
-    prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
-    prior = jax.tree.map(lambda x: x + 0.01, prior)
-    gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
-    path = str(tmp_path_factory.mktemp("model") / "model.npz")
-    stages.export(path, config, clip_params, prior, gan["generator"])
-    return path
+    return write_random_model(str(tmp_path_factory.mktemp("model")))
 
 
 @pytest.fixture(scope="module")

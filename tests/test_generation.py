@@ -33,17 +33,22 @@ def small_config():
     return config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), SMALL)
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """A randomly initialised pipeline written as a model file, as training would."""
+def write_random_model(directory: str) -> str:
+    """A randomly initialised GAN pipeline (small_config) exported to directory/model.npz."""
     config = small_config()
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
     prior = jax.tree.map(lambda x: x + 0.01, prior)  # zero-initialised heads would hide bugs
     gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
-    path = str(tmp_path_factory.mktemp("model") / "model.npz")
+    path = os.path.join(directory, "model.npz")
     stages.export(path, config, clip_params, prior, gan["generator"])
     return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A randomly initialised pipeline written as a model file, as training would."""
+    return write_random_model(str(tmp_path_factory.mktemp("model")))
 
 
 @pytest.fixture(scope="module")
