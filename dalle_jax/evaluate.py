@@ -166,21 +166,37 @@ def folder_batches(folder: str, size: int, batch_size: int = 64):
 
 
 def quality_report(pictures, captions, scorer: clip_score.CLIPScore, fid_net=None,
-                   real_batches=()) -> dict:
+                   real_batches=(), fid_cache: str | None = None,
+                   progress: bool = False) -> dict:
     """CLIP score of the pictures against their captions; with an FID network, FID and KID
-    against the real pictures of `real_batches` (an iterable of uint8 batches)."""
+    against the real pictures of `real_batches` (an iterable of uint8 batches, or a
+    zero-argument callable returning one), whose features come from the cache folder
+    `fid_cache` when these exact pictures were scored by this network before
+    (`fid.cached_features`; the report's "real_features" says which)."""
     report = {"images": len(pictures), "clip": scorer.label,
               "clip_score": scorer.score(pictures, captions)["clip_score"]}
     if fid_net is None:
         return {**report, "fid": None, "kid_mean": None, "kid_std": None,
                 "fid_skipped": "no --fid-weights given"}
-    fake = fid_net.features(pictures)
-    real = np.concatenate([fid_net.features(b) for b in real_batches])
+    step = getattr(fid_net, "batch_size", 64)
+    with tqdm(total=len(pictures), unit="img", desc="FID features, generated",
+              disable=not progress, file=sys.stderr) as bar:
+        fake = []
+        for start in range(0, len(pictures), step):
+            fake.append(fid_net.features(pictures[start:start + step]))
+            bar.update(len(fake[-1]))
+        fake = np.concatenate(fake)
+    if not callable(real_batches):
+        real_batches = (lambda batches: lambda: batches)(list(real_batches))
+    with tqdm(unit="img", desc="FID features, real", disable=not progress,
+              file=sys.stderr) as bar:
+        real, source = fid_lib.cached_features(fid_net, real_batches, fid_cache, bar)
     if min(len(fake), len(real)) < 2:
         raise EvaluateError(f"FID and KID need at least 2 pictures per set, not {len(fake)} "
                             f"generated and {len(real)} real")
     kid_mean, kid_std = fid_lib.kid(fake, real)
-    return {**report, "real_images": len(real), "fid": fid_lib.fid(fake, real),
+    return {**report, "real_images": len(real), "real_features": source,
+            "fid": fid_lib.fid(fake, real),
             "kid_mean": kid_mean, "kid_std": kid_std,
             "kid_subset_size": min(1000, len(fake), len(real))}
 
@@ -194,10 +210,11 @@ def _pictures_to_draw(captions, num: int) -> int:
 
 def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
         fid_net=None, data: str | None = None, scorer: clip_score.CLIPScore | None = None,
-        progress: bool = True) -> tuple[dict, np.ndarray]:
+        progress: bool = True, fid_cache: str | None = None) -> tuple[dict, np.ndarray]:
     """The report and its grid. `truncation` None is the generator's default (the GAN's 1.0;
     unCLIP takes none). With `fid_net` (a metrics.fid.FID), FID/KID against the pictures
-    under `data`, or the eval split's own pictures when `data` is None."""
+    under `data`, or the eval split's own pictures when `data` is None (their features cached
+    in the folder `fid_cache`, when given)."""
     images, captions = shapes.examples(range(num), split="eval", seed=0, size=pipe.image_size)
     t = time.perf_counter()
     options = pipe.options({} if truncation is None else {"truncation": truncation})
@@ -214,13 +231,13 @@ def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
         report["variations"] = variation_report(pipe, images, captions, seed=seed, progress=bar)
         report["edits"] = edit_report(pipe, images, captions, seed=seed, progress=bar)
     return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data,
-                   "shapes eval split", t)
+                   "shapes eval split", t, fid_cache, progress)
 
 
 def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
                   truncation: float | None = None, fid_net=None, data: str | None = None,
-                  scorer: clip_score.CLIPScore | None = None,
-                  progress: bool = True) -> tuple[dict, np.ndarray]:
+                  scorer: clip_score.CLIPScore | None = None, progress: bool = True,
+                  fid_cache: str | None = None) -> tuple[dict, np.ndarray]:
     """The report and grid on image-text data instead of shapes: one picture for each caption
     of the first `num` usable pictures at `path` (shards or a folder with captions, e.g. the
     emoji corpus's held-out split), its CLIP score and, with `fid_net`, FID/KID against those
@@ -237,16 +254,20 @@ def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
     with tqdm(total=len(captions), unit="img", desc="sampling", disable=not progress,
               file=sys.stderr) as bar:
         pictures = pipe.generate(captions, 1, seed, truncation, progress=bar)
-    return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, path, t)
+    return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, path, t,
+                   fid_cache, progress)
 
 
-def _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, real_name, t):
+def _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, real_name, t,
+            fid_cache=None, progress=False):
     """Both reports' end: quality (CLIP score; FID/KID against `images`, or every picture
     under `data`), timings, and the grid of real | generated pairs."""
     report["seconds_sampling"] = time.perf_counter() - t
-    real = [images] if data is None else folder_batches(data, pipe.image_size)
+    real = ((lambda: [images]) if data is None else
+            (lambda: folder_batches(data, pipe.image_size)))
     quality = quality_report(pictures, captions,
-                             scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real)
+                             scorer or clip_score.CLIPScore.from_pipeline(pipe), fid_net, real,
+                             fid_cache, progress)
     for key in ("fid", "kid_mean", "kid_std", "clip_score"):
         report[key] = quality.pop(key)
     quality["real"] = None if fid_net is None else data or real_name
@@ -304,6 +325,12 @@ def main(argv=None) -> int:
     parser.add_argument("--captions", metavar="PATH", help="judge on image-text data instead "
                         "of shapes: the captions (and real pictures) of these shards or this "
                         "folder, e.g. the emoji corpus's eval/; adherence is skipped")
+    parser.add_argument("--fid-cache", metavar="DIR", default=fid_lib.default_cache_dir(),
+                        help="where the real pictures' Inception features are kept, keyed by "
+                        "the exact pictures and weights, so a rerun skips them (default: "
+                        "%(default)s)")
+    parser.add_argument("--no-fid-cache", action="store_true",
+                        help="compute the real pictures' features every time")
     parser.add_argument("--out", default="report.json",
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
@@ -340,12 +367,14 @@ def main(argv=None) -> int:
         return _error(one_line(str(e)))
     if fid_net is None:
         print("FID and KID skipped: no --fid-weights given", file=sys.stderr)
+    cache = None if args.no_fid_cache else args.fid_cache
     try:
         if args.captions:
             report, grid = run_captioned(pipe, args.captions, args.num, args.seed,
-                                         args.truncation, fid_net, args.data)
+                                         args.truncation, fid_net, args.data, fid_cache=cache)
         else:
-            report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data)
+            report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data,
+                               fid_cache=cache)
     except (EvaluateError, fid_lib.FIDError, images_lib.ImageError) as e:
         return _error(one_line(str(e)))
     try:

@@ -242,3 +242,61 @@ def test_precision_and_recall_of_feature_manifolds():
     p, r = fid.precision_recall(real, collapsed, k=3)
     assert p == 1.0 and r < 0.05
     assert fid.precision_recall(real, real + 100.0, k=3) == (0.0, 0.0)
+
+
+class CountingFeatures:
+    """A stand-in network: mean colour as the feature, counting the pictures it reads."""
+
+    def __init__(self, fingerprint):
+        self.fingerprint, self.seen = fingerprint, 0
+
+    def features(self, images):
+        self.seen += len(images)
+        return np.asarray(images, np.float32).mean(axis=(1, 2))
+
+
+def test_reference_features_are_cached_by_exact_pictures_and_weights(tmp_path):
+    """A second scoring of the same pictures by the same network reads the cache and runs no
+    network; other pictures, other weights or a broken cache entry compute afresh; no cache
+    folder computes every time and writes nothing."""
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    batches = lambda: [pictures[:3], pictures[3:]]  # noqa: E731
+    cache = str(tmp_path / "cache")
+    net = CountingFeatures("weights-a")
+    first, where = fid.cached_features(net, batches, cache)
+    assert where == "computed" and net.seen == 7
+    again, where = fid.cached_features(net, batches, cache)
+    assert where.startswith("cached ") and net.seen == 7
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(first, pictures.astype(np.float32).mean(axis=(1, 2)))
+
+    changed = pictures.copy()
+    changed[5, 0, 0, 0] ^= 1  # one pixel of one picture
+    _, where = fid.cached_features(net, lambda: [changed], cache)
+    assert where == "computed" and net.seen == 14
+    other = CountingFeatures("weights-b")
+    _, where = fid.cached_features(other, batches, cache)
+    assert where == "computed" and other.seen == 7
+
+    entry = next(p for p in os.listdir(cache) if p.endswith(".npy"))
+    with open(os.path.join(cache, entry), "wb") as f:
+        f.write(b"not an array")
+    net.seen = 0
+    fid.cached_features(net, batches, cache)
+    fid.cached_features(net, lambda: [changed], cache)
+    assert net.seen == 7  # the broken entry was recomputed; the other one still hit
+
+    none = CountingFeatures("weights-a")
+    _, where = fid.cached_features(none, batches, None)
+    _, where = fid.cached_features(none, batches, None)
+    assert where == "computed" and none.seen == 14
+    assert len(os.listdir(cache)) == 3  # a, changed, b; no temporary files left
+
+
+def test_network_fingerprint_follows_the_weights(params):
+    a = fid.FID(params, batch_size=8)
+    changed = jax.tree_util.tree_map(lambda x: x, params)
+    changed["conv"]["beta"] = changed["conv"]["beta"] + 1e-3
+    assert fid.FID(params, batch_size=8).fingerprint == a.fingerprint
+    assert fid.FID(changed, batch_size=8).fingerprint != a.fingerprint

@@ -176,8 +176,11 @@ class FID:
     devices (each host of a multi-host run extracts its own pictures' features; merge their
     `Stats`)."""
 
-    def __init__(self, params: dict, batch_size: int = 64, mesh=None):
+    def __init__(self, params: dict, batch_size: int | None = None, mesh=None):
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.local_devices())
+        if batch_size is None:  # per device: small batches keep a CPU's caches warm
+            cpu = jax.local_devices()[0].platform == "cpu"
+            batch_size = (16 if cpu else 64) * self.mesh.size
         n = self.mesh.size
         self.batch_size = max(n, -(-batch_size // n) * n)  # a multiple of the device count
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
@@ -208,12 +211,77 @@ class FID:
             out.append(np.asarray(self._features_fn(self.params, x))[:m])
         return np.concatenate(out) if out else np.zeros((0, inception.FEATURES), np.float32)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (every array under its path): features cached under it are
+        those of exactly this network."""
+        h = hashlib.sha256()
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+            h.update(jax.tree_util.keystr(key_path).encode())
+            h.update(np.asarray(jax.device_get(leaf), np.float32).tobytes())
+        return h.hexdigest()
+
     def stats(self, batches) -> "Stats":
         """Stats of the features of every picture in an iterable of uint8 batches."""
         stats = Stats.empty()
         for images in batches:
             stats = stats.update(self.features(images))
         return stats
+
+
+def default_cache_dir() -> str:
+    """Where reference features are cached: $DALLE_JAX_CACHE, else $XDG_CACHE_HOME (default
+    ~/.cache) / dalle_jax, then /fid."""
+    root = os.environ.get("DALLE_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dalle_jax")
+    return os.path.join(root, "fid")
+
+
+def cached_features(net, batches, cache_dir: str | None,
+                    progress=None) -> tuple[np.ndarray, str]:
+    """(features of every picture, where they came from) for a reference set that is scored
+    again and again (an eval split, a folder of real pictures), as clean-fid and
+    torch-fidelity cache theirs.
+
+    `batches` is a zero-argument callable returning an iterable of uint8 batches; it is read
+    once to hash the pictures and, when the cache misses, once more for the features. The key
+    is the sha256 of the network's `fingerprint` and of every picture's shape and bytes, so a
+    hit holds exactly the features this network gives these pictures. The second element is
+    "computed" or "cached <path>" for the report. `cache_dir` None computes without caching;
+    an unreadable cache entry is computed again and replaced. `progress.update(n)` follows
+    the pictures whose features are computed."""
+    def compute():
+        feats = []
+        for b in batches():
+            feats.append(net.features(b))
+            if progress is not None:
+                progress.update(len(b))
+        return (np.concatenate(feats) if feats else
+                np.zeros((0, inception.FEATURES), np.float32))
+
+    if cache_dir is None:
+        return compute(), "computed"
+    h = hashlib.sha256(net.fingerprint.encode())
+    for b in batches():
+        b = np.ascontiguousarray(b, np.uint8)
+        h.update(repr(b.shape).encode())
+        h.update(b.tobytes())
+    path = os.path.join(cache_dir, f"{h.hexdigest()[:40]}.npy")
+    if os.path.isfile(path):
+        try:
+            return np.load(path, allow_pickle=False), f"cached {path}"
+        except (OSError, ValueError):
+            pass  # a truncated or foreign file: computed again below
+    feats = compute()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, feats)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full disk costs the cache, not the result
+        print(f"warning: FID reference features not cached in {cache_dir}: "
+              f"{e.strerror or e}", file=sys.stderr)
+    return feats, "computed"
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -442,7 +510,8 @@ def main(argv=None) -> int:
                        ("score", "FID (and optionally KID, precision/recall) of two sets")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--weights", required=True, help="the .npz written by convert")
-        p.add_argument("--batch_size", type=int, default=64)
+        p.add_argument("--batch_size", type=int,
+                       help="pictures per batch (default: 16 per CPU device, 64 per accelerator)")
         p.add_argument("sources", nargs=2, metavar="SRC",
                        help="folders of pictures" + (" or statistics .npz" if name == "score"
                                                      else "; then the .npz to write"))

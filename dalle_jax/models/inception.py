@@ -49,10 +49,15 @@ class ConvBN(nn.Module):
         var = self.param("var", nn.initializers.ones, (self.features,))
         scale = jax.lax.rsqrt(var + BN_EPSILON)
         (ph, pw) = self.padding
-        y = jax.lax.conv_general_dilated(
-            x, (kernel * scale).astype(x.dtype), (self.stride, self.stride),
-            ((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision)
+        kernel = (kernel * scale).astype(x.dtype)
+        if self.kernel == (1, 1) and self.stride == 1:
+            # A 1x1 convolution is a matmul over channels; XLA's CPU convolution runs it ~3x
+            # slower than its matmul (benchmarks/RESULTS.md, FID Inception).
+            y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=self.precision)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.stride, self.stride), ((ph, ph), (pw, pw)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
         return nn.relu(y + (beta - mean * scale).astype(x.dtype))
 
 
