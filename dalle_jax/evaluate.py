@@ -132,10 +132,10 @@ def edit_report(pipe, images, captions, amounts=EDIT_AMOUNTS, seed=0, limit=SOUR
     out = {}
     for amount in amounts:
         ok = []
-        for image, caption, target in zip(images, captions, targets):
-            edited = pipe.edit(image, caption, target, amount, seed)[0]
-            if progress is not None:
-                progress.update(1)
+        edits = pipe.edit(images, captions, targets, amount, seed)  # one batched call
+        if progress is not None:
+            progress.update(len(edits))
+        for image, caption, target, edited in zip(images, captions, targets, edits):
             src = shapes.parse_caption(caption).objects[0]
             want = shapes.parse_caption(target).objects[0]
             _, before = _read(image)

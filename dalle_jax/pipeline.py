@@ -317,18 +317,33 @@ class Pipeline:
         keys = picture_keys(seed, [(0, 0)] * steps)
         return self.decode(embed, keys, **options)
 
-    def edit(self, image, from_text: str, to_text: str, amount: float = 0.5, seed: int = 0,
+    def edit(self, images, from_text, to_text, amount: float = 0.5, seed: int = 0,
              truncation: float | None = None, **options) -> np.ndarray:
-        """unCLIP's text diff: slerp the image vector toward normalise(v(to) - v(from)) by
-        `amount` (0 keeps the picture, 1 is the direction itself); [1, H, W, 3]."""
+        """unCLIP's text diff: slerp each picture's image vector toward normalise(v(to) -
+        v(from)) by `amount` (0 keeps the picture, 1 is the direction itself).
+
+        `images` is one picture [H, W, 3] or N of them [N, H, W, 3]; `from_text` and `to_text`
+        are one text for all pictures or a list of one per picture. Returns [N, H, W, 3], all
+        drawn in batches; picture i's key is folded from (seed, i, 0), so one picture edited
+        alone gives the first row of a batch that starts with it."""
         options = self.options(_with_truncation(options, truncation))
-        embed = self.encode_images(image)[:1]
-        v_from, v_to = self.encode_text([from_text, to_text])
-        diff = v_to - v_from
-        if np.linalg.norm(diff) < 1e-6:
-            raise PromptError("the edit's two texts mean the same to the model; nothing to do")
-        target = np.asarray(slerp(embed, (diff / np.linalg.norm(diff))[None], amount))
-        return self.decode(target, picture_keys(seed, [(0, 0)]), **options)
+        embed = self.encode_images(images)
+        n = len(embed)
+        texts = {}
+        for name, text in (("from_text", from_text), ("to_text", to_text)):
+            texts[name] = [text] * n if isinstance(text, str) else list(text)
+            if len(texts[name]) != n:
+                raise ValueError(f"{name} has {len(texts[name])} texts for {n} pictures; give "
+                                 "one text, or one per picture")
+        vectors = self.encode_text(texts["from_text"] + texts["to_text"])
+        diff = vectors[n:] - vectors[:n]
+        norm = np.linalg.norm(diff, axis=-1, keepdims=True)
+        if np.any(norm < 1e-6):
+            which = "" if n == 1 else f" (picture {int(np.argmin(norm[:, 0]))})"
+            raise PromptError(f"the edit's two texts mean the same to the model{which}; "
+                              "nothing to do")
+        target = np.asarray(slerp(embed, diff / norm, amount))
+        return self.decode(target, picture_keys(seed, [(i, 0) for i in range(n)]), **options)
 
     def decode(self, image_embed: np.ndarray, keys: np.ndarray, truncation: float | None = None,
                **options) -> np.ndarray:

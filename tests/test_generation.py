@@ -82,7 +82,7 @@ def test_variations_interpolate_edit(pipe):
     assert frames.shape == (5, 16, 16, 3)
     # The end frames are the images' own vectors decoded with the frames' shared key.
     embed = pipe.encode_images(source)
-    from dalle_jax.pipeline import picture_keys
+    from dalle_jax.pipeline import picture_keys, slerp
     ends = pipe.decode(embed, picture_keys(0, [(0, 0), (0, 0)]))
     np.testing.assert_array_equal(frames[[0, -1]], ends)
     edited = pipe.edit(source[0], "red", "blue", amount=0.5)
@@ -91,6 +91,17 @@ def test_variations_interpolate_edit(pipe):
     np.testing.assert_array_equal(unchanged, pipe.decode(embed[:1], picture_keys(0, [(0, 0)])))
     with pytest.raises(PromptError):
         pipe.edit(source[0], "red", "red")
+    # Pictures edited in one batch, each with its own texts: the first row is that picture
+    # edited alone, and each row follows its own texts.
+    both = pipe.edit(source, ["red", "red"], ["blue", "green"], amount=0.5)
+    assert both.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(both[:1], edited)
+    red, green = pipe.encode_text(["red", "green"])
+    direction = (green - red) / np.linalg.norm(green - red)
+    target = np.asarray(slerp(embed[1:], direction[None], 0.5))
+    np.testing.assert_array_equal(both[1:], pipe.decode(target, picture_keys(0, [(1, 0)])))
+    with pytest.raises(ValueError, match="one per picture"):
+        pipe.edit(source, ["red"] * 3, "blue")
     with pytest.raises(ValueError, match="uint8"):
         pipe.variations(np.zeros((1, 8, 8, 3), np.uint8))
 
