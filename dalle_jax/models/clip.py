@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax.models import layers
+
 EOT_TOKEN = 49407
 
 # Published OpenAI CLIP shapes (clip/model.py build_model and the model card), plus small ones
@@ -124,12 +126,12 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x):  # [B, L, D]
         b, l, d = x.shape
         head_dim = d // self.num_heads
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv",
+        qkv = layers.Dense(3 * d, dtype=self.dtype, name="qkv",
                        kernel_init=nn.initializers.normal(d ** -0.5))(x)
         q, k, v = jnp.split(qkv.reshape(b, l, 3, self.num_heads, head_dim), 3, axis=2)
         out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
                                            is_causal=self.causal)  # [B, L, H, Dh]
-        return nn.Dense(d, dtype=self.dtype, name="out",
+        return layers.Dense(d, dtype=self.dtype, name="out",
                         kernel_init=nn.initializers.normal(d ** -0.5))(out.reshape(b, l, d))
 
 
@@ -147,9 +149,9 @@ class ResidualBlock(nn.Module):
         y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_1")(x)
         x = x + MultiHeadAttention(self.num_heads, self.causal, self.dtype, name="attn")(y)
         y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_2")(x)
-        y = nn.Dense(4 * d, dtype=self.dtype, name="c_fc",
+        y = layers.Dense(4 * d, dtype=self.dtype, name="c_fc",
                      kernel_init=nn.initializers.normal((2 * d) ** -0.5))(y)
-        y = nn.Dense(d, dtype=self.dtype, name="c_proj",
+        y = layers.Dense(d, dtype=self.dtype, name="c_proj",
                      kernel_init=nn.initializers.normal(d ** -0.5))(
             ACTIVATIONS[self.activation](y))
         return x + y
@@ -193,7 +195,7 @@ class TextTransformer(nn.Module):
         # Pool at the end-of-text token; truncation keeps it last, so every row has one.
         eot = jnp.argmax(tokens == EOT_TOKEN, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        embed = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",
+        embed = layers.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",
                          kernel_init=nn.initializers.normal(c.text_width ** -0.5))(pooled)
         return embed, x
 
@@ -232,7 +234,7 @@ class VisionTransformer(nn.Module):
         x = Transformer(c.vision_layers, c.vision_heads, remat=self.remat, dtype=self.dtype,
                         activation=c.activation, name="transformer")(x)
         pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_post")(x[:, 0])
-        embed = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
+        embed = layers.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
                          kernel_init=nn.initializers.normal(w ** -0.5))(pooled)
         return embed, x
 

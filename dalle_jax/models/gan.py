@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax.models import layers
+
 SQRT2 = float(np.sqrt(2.0))
 
 
@@ -187,15 +189,15 @@ class CrossAttention(nn.Module):
         heads, dh = self.num_heads, c // self.num_heads
         q = nn.LayerNorm(dtype=self.dtype, name="ln_q")(x).reshape(b, h * w, c)
         kv = nn.LayerNorm(dtype=self.dtype, name="ln_kv")(tokens)
-        q = nn.Dense(c, dtype=self.dtype, name="query")(q).reshape(b, h * w, heads, dh)
+        q = layers.Dense(c, dtype=self.dtype, name="query")(q).reshape(b, h * w, heads, dh)
         # No key bias: it shifts every logit of a query equally, so softmax ignores it and its
         # gradient is pure round-off, which Adam would amplify into noise.
-        k = nn.Dense(c, use_bias=False, dtype=self.dtype, name="key")(kv)
-        v = nn.Dense(c, dtype=self.dtype, name="value")(kv)
+        k = layers.Dense(c, use_bias=False, dtype=self.dtype, name="key")(kv)
+        v = layers.Dense(c, dtype=self.dtype, name="value")(kv)
         k = k.reshape(*k.shape[:2], heads, dh)
         v = v.reshape(*v.shape[:2], heads, dh)
         out = jax.nn.dot_product_attention(q, k, v, mask=token_mask[:, None, None, :])
-        out = nn.Dense(c, dtype=self.dtype, name="out")(out.reshape(b, h * w, c))
+        out = layers.Dense(c, dtype=self.dtype, name="out")(out.reshape(b, h * w, c))
         return x + out.reshape(b, h, w, c)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import diffusion
+from dalle_jax.models import layers
 from dalle_jax.models.flow_prior import standardise, timestep_embedding, with_embed_stats
 
 
@@ -62,11 +63,11 @@ class CausalBlock(nn.Module):
     def __call__(self, x, mask):  # [B, S, D]
         b, s, d = x.shape
         h = nn.LayerNorm()(x)
-        qkv = nn.Dense(3 * d, name="qkv")(h).reshape(b, s, 3, self.num_heads, d // self.num_heads)
+        qkv = layers.Dense(3 * d, name="qkv")(h).reshape(b, s, 3, self.num_heads, d // self.num_heads)
         out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask)
-        x = x + nn.Dense(d, name="out", kernel_init=nn.initializers.zeros)(out.reshape(b, s, d))
-        h = nn.gelu(nn.Dense(4 * d, name="fc")(nn.LayerNorm()(x)))
-        return x + nn.Dense(d, name="proj", kernel_init=nn.initializers.zeros)(h)
+        x = x + layers.Dense(d, name="out", kernel_init=nn.initializers.zeros)(out.reshape(b, s, d))
+        h = nn.gelu(layers.Dense(4 * d, name="fc")(nn.LayerNorm()(x)))
+        return x + layers.Dense(d, name="proj", kernel_init=nn.initializers.zeros)(h)
 
 
 class DiffusionPrior(nn.Module):
@@ -79,15 +80,15 @@ class DiffusionPrior(nn.Module):
     def __call__(self, x_t, t, text_embed, token_features, token_mask, drop_text):
         c = self.config
         b, length = token_mask.shape
-        tokens = nn.Dense(c.width, name="token_proj")(token_features)       # [B, L, W]
+        tokens = layers.Dense(c.width, name="token_proj")(token_features)       # [B, L, W]
         # A unit CLIP vector has components of size 1/sqrt(E): scale them to unit variance.
-        text = nn.Dense(c.width, name="text_proj")(text_embed * np.sqrt(c.embed_dim))
+        text = layers.Dense(c.width, name="text_proj")(text_embed * np.sqrt(c.embed_dim))
         null_text = self.param("null_text", nn.initializers.normal(0.02), (c.width,))
         text = jnp.where(drop_text[:, None], null_text, text)
         time = timestep_embedding(t, c.width)
-        time = nn.Dense(c.width, name="time_mlp_2")(nn.silu(nn.Dense(c.width,
+        time = layers.Dense(c.width, name="time_mlp_2")(nn.silu(layers.Dense(c.width,
                                                                      name="time_mlp_1")(time)))
-        noised = nn.Dense(c.width, name="x_proj")(x_t)
+        noised = layers.Dense(c.width, name="x_proj")(x_t)
         query = self.param("query", nn.initializers.normal(0.02), (c.width,))
         seq = jnp.concatenate([tokens, text[:, None], time[:, None], noised[:, None],
                                jnp.broadcast_to(query, (b, 1, c.width))], axis=1)
@@ -102,7 +103,7 @@ class DiffusionPrior(nn.Module):
         for i in range(c.depth):
             seq = CausalBlock(c.num_heads, name=f"block{i}")(seq, mask[:, None])
         out = nn.LayerNorm(name="ln_final")(seq[:, -1])
-        return nn.Dense(c.embed_dim, name="head", kernel_init=nn.initializers.zeros)(out)
+        return layers.Dense(c.embed_dim, name="head", kernel_init=nn.initializers.zeros)(out)
 
 
 def init(model: DiffusionPrior, rng, context_length: int, embed_mean=None, embed_std=None):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import diffusion
+from dalle_jax.models import layers
 from dalle_jax.models.flow_prior import timestep_embedding
 from dalle_jax.models.gan import conv2d, upsample2x
 
@@ -95,11 +96,11 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb):
         h = Conv3x3(self.features)(nn.silu(nn.GroupNorm(self.groups)(x)))
-        scale, shift = jnp.split(nn.Dense(2 * self.features)(nn.silu(emb))[:, None, None], 2, -1)
+        scale, shift = jnp.split(layers.Dense(2 * self.features)(nn.silu(emb))[:, None, None], 2, -1)
         h = nn.GroupNorm(self.groups, use_bias=False, use_scale=False)(h) * (1 + scale) + shift
         h = Conv3x3(self.features, zero_init=True)(nn.silu(h))
         if x.shape[-1] != self.features:
-            x = nn.Dense(self.features, name="skip")(x)
+            x = layers.Dense(self.features, name="skip")(x)
         return x + h
 
 
@@ -116,14 +117,14 @@ class AttentionBlock(nn.Module):
         b, hh, ww, c = x.shape
         heads, dh = self.num_heads, c // self.num_heads
         h = nn.GroupNorm(self.groups)(x).reshape(b, hh * ww, c)
-        q, k, v = jnp.split(nn.Dense(3 * c, name="qkv")(h), 3, -1)
-        ck, cv = jnp.split(nn.Dense(2 * c, name="context_kv")(context), 2, -1)
+        q, k, v = jnp.split(layers.Dense(3 * c, name="qkv")(h), 3, -1)
+        ck, cv = jnp.split(layers.Dense(2 * c, name="context_kv")(context), 2, -1)
         k, v = jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1)
         mask = jnp.concatenate([context_mask, jnp.ones((b, hh * ww), bool)], 1)
         split = lambda a: a.reshape(b, a.shape[1], heads, dh)
         out = jax.nn.dot_product_attention(split(q), split(k), split(v),
                                            mask=mask[:, None, None, :])
-        out = nn.Dense(c, name="out", kernel_init=nn.initializers.zeros)(out.reshape(b, -1, c))
+        out = layers.Dense(c, name="out", kernel_init=nn.initializers.zeros)(out.reshape(b, -1, c))
         return x + out.reshape(b, hh, ww, c)
 
 
@@ -139,11 +140,11 @@ class UNet(nn.Module):
         ch, groups = c.base_channels, c.norm_groups
         image = jnp.where(drop_image[:, None], 0.0, image_embed * np.sqrt(c.embed_dim))
         emb = timestep_embedding(t, ch)
-        emb = nn.Dense(4 * ch, name="time_mlp_2")(nn.silu(nn.Dense(4 * ch, name="time_mlp_1")(emb)))
-        emb = emb + nn.Dense(4 * ch, name="image_to_time")(image)
-        image_tokens = nn.Dense(c.num_image_tokens * c.context_dim, name="image_to_tokens")(image)
+        emb = layers.Dense(4 * ch, name="time_mlp_2")(nn.silu(layers.Dense(4 * ch, name="time_mlp_1")(emb)))
+        emb = emb + layers.Dense(4 * ch, name="image_to_time")(image)
+        image_tokens = layers.Dense(c.num_image_tokens * c.context_dim, name="image_to_tokens")(image)
         context = jnp.concatenate([
-            nn.Dense(c.context_dim, name="token_proj")(nn.LayerNorm()(token_features)),
+            layers.Dense(c.context_dim, name="token_proj")(nn.LayerNorm()(token_features)),
             image_tokens.reshape(-1, c.num_image_tokens, c.context_dim)], 1)
         context_mask = jnp.concatenate([token_mask & ~drop_text[:, None],
                                         jnp.ones((x_t.shape[0], c.num_image_tokens), bool)], 1)
