@@ -127,12 +127,12 @@ class MultiHeadAttention(nn.Module):
         b, l, d = x.shape
         head_dim = d // self.num_heads
         qkv = layers.Dense(3 * d, dtype=self.dtype, name="qkv",
-                       kernel_init=nn.initializers.normal(d ** -0.5))(x)
+                           kernel_init=nn.initializers.normal(d ** -0.5))(x)
         q, k, v = jnp.split(qkv.reshape(b, l, 3, self.num_heads, head_dim), 3, axis=2)
         out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
                                            is_causal=self.causal)  # [B, L, H, Dh]
         return layers.Dense(d, dtype=self.dtype, name="out",
-                        kernel_init=nn.initializers.normal(d ** -0.5))(out.reshape(b, l, d))
+                            kernel_init=nn.initializers.normal(d ** -0.5))(out.reshape(b, l, d))
 
 
 class ResidualBlock(nn.Module):
@@ -150,9 +150,9 @@ class ResidualBlock(nn.Module):
         x = x + MultiHeadAttention(self.num_heads, self.causal, self.dtype, name="attn")(y)
         y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_2")(x)
         y = layers.Dense(4 * d, dtype=self.dtype, name="c_fc",
-                     kernel_init=nn.initializers.normal((2 * d) ** -0.5))(y)
+                         kernel_init=nn.initializers.normal((2 * d) ** -0.5))(y)
         y = layers.Dense(d, dtype=self.dtype, name="c_proj",
-                     kernel_init=nn.initializers.normal(d ** -0.5))(
+                         kernel_init=nn.initializers.normal(d ** -0.5))(
             ACTIVATIONS[self.activation](y))
         return x + y
 
@@ -196,7 +196,7 @@ class TextTransformer(nn.Module):
         eot = jnp.argmax(tokens == EOT_TOKEN, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
         embed = layers.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",
-                         kernel_init=nn.initializers.normal(c.text_width ** -0.5))(pooled)
+                             kernel_init=nn.initializers.normal(c.text_width ** -0.5))(pooled)
         return embed, x
 
 
@@ -235,7 +235,7 @@ class VisionTransformer(nn.Module):
                         activation=c.activation, name="transformer")(x)
         pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_post")(x[:, 0])
         embed = layers.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
-                         kernel_init=nn.initializers.normal(w ** -0.5))(pooled)
+                             kernel_init=nn.initializers.normal(w ** -0.5))(pooled)
         return embed, x
 
 

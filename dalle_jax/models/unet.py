@@ -96,7 +96,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb):
         h = Conv3x3(self.features)(nn.silu(nn.GroupNorm(self.groups)(x)))
-        scale, shift = jnp.split(layers.Dense(2 * self.features)(nn.silu(emb))[:, None, None], 2, -1)
+        scale, shift = jnp.split(nn.Dense(2 * self.features)(nn.silu(emb))[:, None, None], 2, -1)
         h = nn.GroupNorm(self.groups, use_bias=False, use_scale=False)(h) * (1 + scale) + shift
         h = Conv3x3(self.features, zero_init=True)(nn.silu(h))
         if x.shape[-1] != self.features:
@@ -140,9 +140,9 @@ class UNet(nn.Module):
         ch, groups = c.base_channels, c.norm_groups
         image = jnp.where(drop_image[:, None], 0.0, image_embed * np.sqrt(c.embed_dim))
         emb = timestep_embedding(t, ch)
-        emb = layers.Dense(4 * ch, name="time_mlp_2")(nn.silu(layers.Dense(4 * ch, name="time_mlp_1")(emb)))
-        emb = emb + layers.Dense(4 * ch, name="image_to_time")(image)
-        image_tokens = layers.Dense(c.num_image_tokens * c.context_dim, name="image_to_tokens")(image)
+        emb = nn.Dense(4 * ch, name="time_mlp_2")(nn.silu(nn.Dense(4 * ch, name="time_mlp_1")(emb)))
+        emb = emb + nn.Dense(4 * ch, name="image_to_time")(image)
+        image_tokens = nn.Dense(c.num_image_tokens * c.context_dim, name="image_to_tokens")(image)
         context = jnp.concatenate([
             layers.Dense(c.context_dim, name="token_proj")(nn.LayerNorm()(token_features)),
             image_tokens.reshape(-1, c.num_image_tokens, c.context_dim)], 1)
