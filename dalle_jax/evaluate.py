@@ -186,8 +186,9 @@ def quality_report(pictures, captions, scorer: clip_score.CLIPScore, fid_net=Non
             fake.append(fid_net.features(pictures[start:start + step]))
             bar.update(len(fake[-1]))
         fake = np.concatenate(fake)
-    if not callable(real_batches):
-        real_batches = (lambda batches: lambda: batches)(list(real_batches))
+    if not callable(real_batches):  # cached_features may read them twice
+        kept = list(real_batches)
+        real_batches = lambda: kept  # noqa: E731
     with tqdm(unit="img", desc="FID features, real", disable=not progress,
               file=sys.stderr) as bar:
         real, source = fid_lib.cached_features(fid_net, real_batches, fid_cache, bar)
