@@ -427,8 +427,8 @@ def frozen_params(clip_config) -> dict:
     positional embedding (the text tower is causal, so later ones never matter)."""
     directory = clip_config.import_from
     params, meta = restore(directory)
-    stored = clip_lib.CLIPConfig(**{**meta["clip_config"], "conv_stem": tuple(
-        tuple(s) for s in meta["clip_config"]["conv_stem"])})  # JSON made the tuples lists
+    stored = clip_lib.CLIPConfig(**{**meta["clip_config"], **{  # JSON made the tuples lists
+        k: tuple(tuple(s) for s in meta["clip_config"].get(k, ())) for k in clip_lib.TUPLE_FIELDS}})
     length = clip_config.data.context_length
     try:
         wanted = clip_lib.CLIPConfig.from_variant(clip_config.model.variant,

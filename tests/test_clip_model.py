@@ -1,5 +1,7 @@
 """The CLIP towers and contrastive losses."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +94,27 @@ def test_unknown_variant_and_loss_are_named():
         clip.CLIPConfig.from_variant("B/99")
     with pytest.raises(ValueError, match="softmax, sigmoid"):
         clip.contrastive_loss("hinge", None, None, {})
+
+
+def test_convolutional_tower_keeps_what_and_where():
+    """The "tiny-cnn" image tower: embeddings of the right form, its own parameters (no ViT),
+    and a pooled vector that changes when only an object's place or only its outline does."""
+    from dalle_jax.data import shapes
+    from dalle_jax.data.pipeline import to_float_images
+
+    model = clip.CLIP(variant="tiny-cnn", image_size=32, context_length=16)
+    assert model.config.as_variant() == "tiny-cnn"
+    sc = shapes.scene(2, "train")  # one object
+    moved = shapes.Scene(sc.background, (dataclasses.replace(sc.objects[0], cx=0.2, cy=0.2),),
+                         "", None, sc.stated)
+    other = shapes.counterfactual(sc, np.random.default_rng(0))
+    images = jnp.asarray(to_float_images(np.stack([shapes.render(s, 32) for s in (sc, moved, other)])))
+    params = model.init(jax.random.PRNGKey(0), images, _tokens(3, 16, [2, 3, 4]))["params"]
+    assert "conv_5" in params["visual"] and "transformer" not in params["visual"]
+    embed, features = model.apply({"params": params}, images, method=model.encode_image)
+    assert embed.shape == (3, 128) and features.shape == (3, 8 * 8 + 1, 128)
+    np.testing.assert_allclose(np.linalg.norm(embed, axis=-1), 1.0, rtol=1e-5)
+    assert np.abs(np.asarray(embed[1] - embed[0])).max() > 1e-3
+    assert np.abs(np.asarray(embed[2] - embed[0])).max() > 1e-3
+    with pytest.raises(ValueError, match="bad CLIP variant change"):
+        clip.CLIPConfig.from_variant("tiny-cnn,vision_cnn=3")

@@ -412,3 +412,50 @@ def test_swap_and_reverse(scenes):
     assert S.reverse_relation("a red star to the left of a blue circle")[1] == (
         "a red star to the right of a blue circle"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Counterfactual scenes (the minimal pairs of a contrastive batch).
+
+
+def test_counterfactual_changes_one_hard_attribute_and_draws_it():
+    from dalle_jax.metrics import adherence
+
+    kinds = set()
+    for i in range(120):
+        sc = S.scene(i, "train")
+        cf = S.counterfactual(sc, np.random.default_rng(i))
+        assert cf.caption != sc.caption and cf.background == sc.background
+        assert not any(S.is_held_out(o.colour, o.shape) for o in cf.objects)
+        before, after = S.parse_caption(sc.caption), S.parse_caption(cf.caption)
+        if len(sc.objects) == 1:
+            a, b = before.objects[0], after.objects[0]
+            assert (a.colour, a.size, a.position, before.background) == (
+                b.colour, b.size, b.position, after.background)
+            assert a.shape != b.shape
+            kinds.add("shape")
+        elif after.relation != before.relation:
+            assert after.objects == before.objects and S.reverse_relation(sc.caption)[1] == cf.caption
+            kinds.add("relation")
+        elif [o.shape for o in after.objects] == [o.shape for o in before.objects]:
+            assert S.swap_colours(sc.caption)[1] == cf.caption
+            kinds.add("swap")
+        else:
+            changed = [x != y for x, y in zip(before.objects, after.objects)]
+            assert sum(changed) == 1
+            kinds.add("two-object shape")
+        # The picture shows the new caption, not the old one.
+        picture = S.render(cf, 64)
+        assert adherence.score(picture, cf.caption).ok, (i, cf.caption)
+        assert not adherence.score(picture, sc.caption).ok, (i, sc.caption)
+    assert kinds == {"shape", "relation", "swap", "two-object shape"}
+
+
+def test_counterfactual_of_a_held_out_eval_scene():
+    held = next(sc for sc in (S.scene(i, "eval") for i in range(200))
+                if len(sc.objects) == 1 and S.is_held_out(sc.objects[0].colour, sc.objects[0].shape))
+    cf = S.counterfactual(held, np.random.default_rng(0))
+    assert not S.is_held_out(cf.objects[0].colour, cf.objects[0].shape)
+    allowed = [S.counterfactual(held, np.random.default_rng(s), allow_held_out=True)
+               for s in range(20)]
+    assert {o.objects[0].shape for o in allowed} == set(S.SHAPES) - {held.objects[0].shape}

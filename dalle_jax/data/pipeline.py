@@ -5,6 +5,10 @@ Each element of the grain dataset is one host's slice of one global batch, a dic
   tokens  int32 [b, L] CLIP token ids
   negative_tokens  int32 [b, K, L], only with K = `hard_negatives` > 0: captions that differ
           from the true one in one attribute (NegCLIP, Yuksekgonul et al. 2023)
+With `minimal_pairs` (shapes only) the second half of each host's batch is the first half's
+scenes changed in one hard attribute (`shapes.counterfactual`: a shape; for two objects also
+the colours or the places exchanged), so that every such picture and caption meets, inside the
+batch, the one picture and caption it differs from in that attribute alone.
 where b = global_batch / process_count. Element k on host p holds examples
 k * global_batch + p * b + [0, b) of the source, so the stream is a pure function of the step
 and the host; the iterator's state (the next k) is saved with each checkpoint.
@@ -57,37 +61,58 @@ class ShapesBatches:
 
     def __init__(self, split: str, seed: int, image_size: int, context_length: int,
                  global_batch: int, process_index: int = 0, process_count: int = 1,
-                 hard_negatives: int = 0):
+                 hard_negatives: int = 0, minimal_pairs: bool = False):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} does not split over "
                              f"{process_count} processes")
+        if minimal_pairs and (global_batch // process_count) % 2:
+            raise ValueError(f"data.minimal_pairs needs an even batch per host, got "
+                             f"{global_batch // process_count}")
         self.split, self.seed, self.image_size = split, seed, image_size
         self.context_length = context_length
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
         self.hard_negatives = hard_negatives
+        self.minimal_pairs = minimal_pairs
         self.tokenizer = Tokenizer()
 
     def __len__(self):
         return _ENDLESS
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
-        start = int(k) * self.global_batch + self.offset
-        images, captions = shapes.examples(range(start, start + self.local_batch),
-                                           split=self.split, seed=self.seed,
-                                           size=self.image_size)
+        if self.minimal_pairs:
+            images, captions, keys = self._minimal_pairs(k)
+        else:
+            start = int(k) * self.global_batch + self.offset
+            keys = range(start, start + self.local_batch)
+            images, captions = shapes.examples(keys, split=self.split, seed=self.seed,
+                                               size=self.image_size)
         batch = {"image": to_float_images(images),
                  "tokens": self.tokenizer(captions, context_length=self.context_length)}
         if self.hard_negatives:
             # Seeded per example, so that the stream does not depend on how many hosts read it.
             negatives = []
-            for i, caption in enumerate(captions):
-                rng = np.random.default_rng([self.seed, 1, start + i])
+            for key, caption in zip(keys, captions):
+                rng = np.random.default_rng([self.seed, 1, key])
                 negatives += [hard_negative(caption, rng) for _ in range(self.hard_negatives)]
             tokens = self.tokenizer(negatives, context_length=self.context_length)
             batch["negative_tokens"] = tokens.reshape(len(captions), self.hard_negatives, -1)
         return batch
+
+    def _minimal_pairs(self, k: int) -> tuple[np.ndarray, list[str], list[int]]:
+        """Scenes i of this host's half-batch, then their counterfactuals; each row's key
+        (2i, or 2i + 1 for a counterfactual) seeds its hard negatives."""
+        half = self.local_batch // 2
+        first = int(k) * (self.global_batch // 2) + self.offset // 2
+        indices = range(first, first + half)
+        scenes = [shapes.scene(i, self.split, self.seed) for i in indices]
+        scenes += [shapes.counterfactual(sc, np.random.default_rng([self.seed, 2, i]),
+                                         allow_held_out=self.split == "eval")
+                   for i, sc in zip(indices, scenes)]
+        images = np.stack([shapes.render(sc, self.image_size) for sc in scenes])
+        keys = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        return images, [sc.caption for sc in scenes], keys
 
 
 def hard_negative(caption: str, rng: np.random.Generator) -> str:
@@ -131,7 +156,8 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
     if config.name == "shapes":
         source = ShapesBatches(config.split, config.seed, config.image_size,
                                config.context_length, config.global_batch, process_index,
-                               process_count, config.hard_negatives)
+                               process_count, config.hard_negatives,
+                               bool(config.get("minimal_pairs", False)))
         return grain.MapDataset.source(source)
     sources = {"folder": files.FolderSource, "shards": shards.ShardSource}
     if config.name not in sources:
@@ -140,6 +166,9 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
         raise DataError(f"data.name={config.name} needs data.path (a folder, or shards)")
     if config.get("hard_negatives", 0):
         raise DataError(f"data.hard_negatives needs shapes captions; set it to 0 for "
+                        f"data.name={config.name}")
+    if config.get("minimal_pairs", False):
+        raise DataError(f"data.minimal_pairs needs shapes scenes; set it to False for "
                         f"data.name={config.name}")
     if config.global_batch % process_count:
         raise DataError(f"global batch {config.global_batch} does not split over "

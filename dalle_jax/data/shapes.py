@@ -42,6 +42,7 @@ The mix of scenes (the contract leaves it open; this is version 1 of the generat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -402,6 +403,46 @@ def scene(index: int, split: str = "train", seed: int = 0) -> Scene:
         assert not _overlap(objs[0], objs[1]), "two-object scene with overlapping objects"
         sc = Scene(background, objs, "", relation, frozenset({"colour", "shape", "relation"}))
     return Scene(sc.background, sc.objects, caption_of(sc), sc.relation, sc.stated)
+
+
+def counterfactual(sc: Scene, rng: np.random.Generator, allow_held_out: bool = False) -> Scene:
+    """The scene changed in one stated attribute that is hard to read, everything else (the
+    background, sizes, the other object, the jitter) kept: the minimal pair of a contrastive
+    batch. One object: another shape. Two objects: another shape for one of them, the colours
+    exchanged between them, or their places exchanged (the relation reversed), equally likely.
+    Without `allow_held_out` no object becomes a held-out colour-shape pair; a change that
+    would is replaced by another, and a scene with none left comes back unchanged."""
+    def reshaped(o: Obj, shape: str) -> Obj:
+        h = o.size_frac * HEIGHT_RATIO[shape]
+        return dataclasses.replace(o, shape=shape, cy=min(max(o.cy, h / 2.0), 1.0 - h / 2.0))
+
+    def moved(o: Obj, to: Obj) -> Obj:
+        h = o.height_frac
+        return dataclasses.replace(o, row=to.row, col=to.col, cx=to.cx,
+                                   cy=min(max(to.cy, h / 2.0), 1.0 - h / 2.0))
+
+    objs, relation = sc.objects, sc.relation
+    candidates = []  # (objects, relation)
+    for i, o in enumerate(objs):
+        for shape in SHAPES:
+            if shape != o.shape:
+                candidates.append((objs[:i] + (reshaped(o, shape),) + objs[i + 1:], relation))
+    if len(objs) == 2:
+        a, b = objs
+        swapped = (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))
+        reversed_ = (moved(a, b), moved(b, a))
+        kinds = [(swapped, relation), (reversed_, _REVERSE[relation])]
+    else:
+        kinds = []
+    ok = lambda c: allow_held_out or not any(is_held_out(o.colour, o.shape) for o in c[0])
+    groups = [[c for c in candidates if ok(c)]] + [[k] for k in kinds if ok(k)]
+    groups = [g for g in groups if g]
+    if not groups:
+        return sc
+    group = groups[int(rng.integers(len(groups)))]
+    new_objs, new_relation = group[int(rng.integers(len(group)))]
+    out = Scene(sc.background, tuple(new_objs), "", new_relation, sc.stated)
+    return dataclasses.replace(out, caption=caption_of(out))
 
 
 def _overlap(a: Obj, b: Obj) -> bool:

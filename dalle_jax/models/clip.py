@@ -41,6 +41,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                  vision_layers=3, vision_heads=4, context_length=16, vocab_size=49408,
                  text_width=128, text_layers=3, text_heads=4,
                  conv_stem=((32, 2, 3), (64, 2, 3))),
+    # The tiny sizes with a convolutional image tower instead of the ViT.
+    "tiny-cnn": dict(embed_dim=128, image_size=32, patch_size=8, vision_width=128,
+                     vision_layers=0, vision_heads=4, context_length=16, vocab_size=49408,
+                     text_width=128, text_layers=3, text_heads=4,
+                     vision_cnn=((32, 1), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1))),
     "micro": dict(embed_dim=32, image_size=16, patch_size=4, vision_width=32,
                   vision_layers=1, vision_heads=2, context_length=16, vocab_size=49408,
                   text_width=32, text_layers=1, text_heads=2),
@@ -62,6 +67,9 @@ class CLIPConfig:
     text_heads: int
     # (channels, stride, kernel) of convolutions before the patch embedding; () is OpenAI's ViT.
     conv_stem: tuple[tuple[int, int, int], ...] = ()
+    # (channels, stride) of 3x3 convolutions, each GroupNorm + GELU, that replace the ViT: a
+    # convolutional image tower pooled by attention, as CLIP's ResNets are; () keeps the ViT.
+    vision_cnn: tuple[tuple[int, int], ...] = ()
     # The MLP's nonlinearity: OpenAI's QuickGELU, or the exact GELU of OpenCLIP's non-"quickgelu"
     # models and of Hugging Face configs with hidden_act="gelu".
     activation: str = "quick_gelu"
@@ -73,7 +81,7 @@ class CLIPConfig:
         name, *changes = [part.strip() for part in variant.split(",")]
         if name not in VARIANTS:
             raise ValueError(f"unknown CLIP variant {name!r}; valid: {', '.join(VARIANTS)}")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"conv_stem"}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(TUPLE_FIELDS)
         values = dict(VARIANTS[name])
         for change in changes:
             key, _, text = change.partition("=")
@@ -95,16 +103,20 @@ class CLIPConfig:
         best = None
         for name, values in VARIANTS.items():
             base = CLIPConfig(**values)
-            if base.conv_stem != self.conv_stem:
+            if any(getattr(base, k) != getattr(self, k) for k in TUPLE_FIELDS):
                 continue
             changes = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                       if f.name not in ("image_size", "context_length", "conv_stem")
+                       if f.name not in ("image_size", "context_length", *TUPLE_FIELDS)
                        and getattr(self, f.name) != getattr(base, f.name)]
             if best is None or len(changes) < len(best) - 1:
                 best = [name, *changes]
         if best is None:
-            raise ValueError("no named CLIP variant has this convolutional stem")
+            raise ValueError("no named CLIP variant has this convolutional stem or tower")
         return ",".join(best)
+
+
+# Fields that a variant string cannot change: they name an architecture, not a size.
+TUPLE_FIELDS = ("conv_stem", "vision_cnn")
 
 
 def quick_gelu(x):
@@ -239,6 +251,44 @@ class VisionTransformer(nn.Module):
         return embed, x
 
 
+class ConvTower(nn.Module):
+    """Images [B, H, W, 3] -> (image embedding [B, E], pooled + grid features [B, 1+N, W]).
+
+    3x3 convolutions with GroupNorm and GELU, then attention pooling as in CLIP's ResNets
+    (Radford et al. 2021, `AttentionPool2d`): the mean of the grid, with learned positions on
+    every cell, queries the grid in one multi-head attention, so the pooled vector keeps where
+    things are as well as what they are.
+    """
+
+    config: CLIPConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        c = self.config
+        x = images.astype(self.dtype)
+        for i, (ch, stride) in enumerate(c.vision_cnn):
+            x = nn.Conv(ch, (3, 3), strides=(stride, stride), use_bias=False, dtype=self.dtype,
+                        name=f"conv_{i}")(x)
+            x = nn.GroupNorm(num_groups=min(32, ch // 4), epsilon=1e-5, dtype=self.dtype,
+                             name=f"norm_{i}")(x)
+            x = nn.gelu(x)
+        b, gh, gw, w = x.shape
+        x = x.reshape(b, gh * gw, w)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+        pos = self.param("positional_embedding", nn.initializers.normal(w ** -0.5),
+                         (gh * gw + 1, w))
+        x = x + pos.astype(x.dtype)
+        heads, head_dim = c.vision_heads, w // c.vision_heads
+        q = layers.Dense(w, dtype=self.dtype, name="q_proj")(x[:, :1])
+        k = layers.Dense(w, dtype=self.dtype, name="k_proj")(x)
+        v = layers.Dense(w, dtype=self.dtype, name="v_proj")(x)
+        split = lambda t: t.reshape(b, t.shape[1], heads, head_dim)
+        pooled = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, w)
+        embed = layers.Dense(c.embed_dim, dtype=self.dtype, name="c_proj")(pooled)
+        return embed, x
+
+
 def l2_normalize(x, eps=1e-6):
     x = x.astype(jnp.float32)
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
@@ -265,7 +315,8 @@ class CLIP(nn.Module):
 
     def setup(self):
         c = self.config
-        self.visual = VisionTransformer(c, self.remat, self.dtype)
+        self.visual = (ConvTower(c, self.dtype) if c.vision_cnn
+                       else VisionTransformer(c, self.remat, self.dtype))
         self.text = TextTransformer(c, self.remat, self.dtype)
         # Initial temperature 0.07 (the paper); the bias -10 is SigLIP's initial value.
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
