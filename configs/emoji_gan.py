@@ -9,23 +9,14 @@ the held-out emoji, whose names training never saw. A small budget (~3,400 pictu
 epochs of the decoder): the figures in benchmarks/RESULTS.md say what it reaches.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(name[:-3] + "_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from dalle_jax import config as config_lib
 
 
 def get_config():
-    c = _load("shapes_gan.py")  # the shapes pipeline's stages, on emoji data at 64 px
-    c.clip = _load("emoji_clip.py")
+    c = config_lib.sibling(__file__, "shapes_gan.py")  # the shapes stages, on emoji at 64 px
+    c.clip = config_lib.sibling(__file__, "emoji_clip.py")
     data = c.clip.data.to_dict()
     c.prior.data = dict(data, global_batch=128)
     c.prior.total_steps = 200

@@ -7,18 +7,9 @@ flow-matching `prior` and the GAN `decoder` on the frozen CLIP; then workdir/mod
 Override a stage's field by its path, e.g. decoder.total_steps=500 or clip.optim.lr=2e-3.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _clip_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_clip.py")
-    spec = importlib.util.spec_from_file_location("shapes_clip_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from dalle_jax import config as config_lib
 
 
 def _common(family, total_steps, global_batch, lr, ema_decay):
@@ -38,7 +29,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.family = "pipeline"
     c.export_dtype = "float32"  # "bfloat16" halves the model file
-    c.clip = _clip_config()
+    c.clip = config_lib.sibling(__file__, "shapes_clip.py")
 
     c.prior = _common("prior", total_steps=1500, global_batch=256, lr=1e-3, ema_decay=0.99)
     c.prior.model = dict(width=256, depth=4, sample_steps=32)

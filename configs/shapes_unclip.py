@@ -15,6 +15,8 @@ import os
 
 import ml_collections
 
+from dalle_jax import config as config_lib
+
 
 def _load(name):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
@@ -29,7 +31,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.family = "pipeline"
     c.export_dtype = "float32"
-    c.clip = gan._clip_config()
+    c.clip = config_lib.sibling(__file__, "shapes_clip.py")
     c.clip.import_from = "shipped:gan"
 
     # Width 128: the Transformer reads 20 tokens per embedding, ~4x the cost of the flow prior's

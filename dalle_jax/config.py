@@ -67,7 +67,8 @@ _OPTIM = {"lr": Field(float, minimum=0), "warmup_steps": Field(int, minimum=0),
 _DATA = {"name": Field(str), "split": Field(str), "seed": Field(int),
          "image_size": Field(int, minimum=1), "context_length": Field(int, minimum=2),
          "global_batch": Field(int, minimum=1), "num_threads": Field(int, minimum=0),
-         "hard_negatives": Field(int, minimum=0), "minimal_pairs": _opt(bool), "path": _opt(str), "eval_path": _opt(str),
+         "hard_negatives": Field(int, minimum=0), "minimal_pairs": _opt(bool),
+         "path": _opt(str), "eval_path": _opt(str),
          "caption_dropout": _opt(float, minimum=0), "shuffle_buffer": _opt(int, minimum=0),
          "random_crop": _opt(bool)}
 
@@ -137,6 +138,16 @@ SCHEMAS: dict[str, dict] = {
 
 # The fields that fix a model's parameter shapes: a checkpoint resumes only under equal ones.
 SHAPE_FIELDS = ("family", "model", "data.image_size", "data.context_length")
+
+
+def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name` beside `config_file` (a config's `__file__`),
+    unchecked, for a config built from others: `config.sibling(__file__, "shapes_clip.py")`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"_dalle_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def load(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

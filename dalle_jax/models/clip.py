@@ -5,6 +5,9 @@ Language Supervision", and OpenAI's published model shapes (B/32, B/16, L/14): p
 blocks with QuickGELU MLPs, a causal text Transformer pooled at the end-of-text token, a ViT with
 a class token pooled after a final LayerNorm, bias-free projections and a learnable temperature.
 Parameter names follow the paper's roles so that published weights map onto them one to one.
+For small pictures, variant "tiny-cnn" swaps the ViT for a convolutional tower pooled by
+attention (`ConvTower`, in the manner of the paper's ResNets), which reads outlines that a tiny
+ViT learns slowly.
 
 Usage: `CLIP(variant="B/16")` or `CLIP(variant="tiny", image_size=32)`. A variant may change
 fields of a named one, `"B/16,vision_layers=2,activation=gelu"`: that is how an imported
