@@ -28,13 +28,14 @@ def test_shipped_file_is_small_and_versioned():
     meta, _ = bundle.load(path)
     assert meta["format_version"] == bundle.FORMAT_VERSION
     assert meta["configs"]["generator"] == "gan"
-    assert meta["configs"]["clip"]["model"]["variant"] == "tiny"
+    assert meta["configs"]["clip"]["model"]["variant"] == "tiny-cnn"
 
 
 def test_shipped_model_draws_one_object_prompts(pipe):
     """On 128 eval captions the shipped model still draws what it drew at release
-    (benchmarks/RESULTS.md: on 300 captions the background was right 94% of the time and the
-    position 89%); a broken load, a changed module or a wrong key schedule would not."""
+    (benchmarks/RESULTS.md: on the 696 one-object captions of 1,000 the background was right
+    94% of the time, the colour 92%, the position 99%; on these 85 it was 89%, 87% and 100%);
+    a broken load, a changed module or a wrong key schedule would not."""
     _, captions = shapes.examples(range(128), split="eval", seed=0, size=32)
     pictures = pipe.generate(captions, seed=0)
     checks = {}
@@ -43,8 +44,8 @@ def test_shipped_model_draws_one_object_prompts(pipe):
             for name, ok in result.checks.items():
                 checks.setdefault(name, []).append(ok)
     rates = {k: float(np.mean(v)) for k, v in checks.items()}
-    assert rates["background"] >= 0.85 and rates["position"] >= 0.75, rates
-    assert rates["colour"] >= 0.4, rates
+    assert rates["background"] >= 0.8 and rates["position"] >= 0.9, rates
+    assert rates["colour"] >= 0.75, rates
 
 
 def test_sample_py_with_the_shipped_model(tmp_path):
