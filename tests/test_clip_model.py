@@ -108,7 +108,8 @@ def test_convolutional_tower_keeps_what_and_where():
     moved = shapes.Scene(sc.background, (dataclasses.replace(sc.objects[0], cx=0.2, cy=0.2),),
                          "", None, sc.stated)
     other = shapes.counterfactual(sc, np.random.default_rng(0))
-    images = jnp.asarray(to_float_images(np.stack([shapes.render(s, 32) for s in (sc, moved, other)])))
+    pictures = np.stack([shapes.render(s, 32) for s in (sc, moved, other)])
+    images = jnp.asarray(to_float_images(pictures))
     params = model.init(jax.random.PRNGKey(0), images, _tokens(3, 16, [2, 3, 4]))["params"]
     assert "conv_5" in params["visual"] and "transformer" not in params["visual"]
     embed, features = model.apply({"params": params}, images, method=model.encode_image)

@@ -58,7 +58,7 @@ def test_hard_negatives_change_exactly_one_thing():
 def test_minimal_pairs_put_each_scene_beside_its_counterfactual():
     source = pipeline.ShapesBatches("train", 0, 16, 16, global_batch=8, minimal_pairs=True)
     batch = source[2]
-    captions = Tokenizer()
+    tokenize = Tokenizer()
     for i in range(4):  # element 2 holds scenes 8..11 and then their counterfactuals
         sc = shapes.scene(8 + i, "train")
         cf = shapes.counterfactual(sc, np.random.default_rng([0, 2, 8 + i]))
@@ -67,7 +67,7 @@ def test_minimal_pairs_put_each_scene_beside_its_counterfactual():
         np.testing.assert_array_equal(pipeline.to_uint8_images(batch["image"][4 + i]),
                                       shapes.render(cf, 16))
         np.testing.assert_array_equal(batch["tokens"][4 + i],
-                                      captions([cf.caption], context_length=16)[0])
+                                      tokenize([cf.caption], context_length=16)[0])
     # Two hosts hold the same pairs between them: host p has scenes 8+2p, 9+2p and theirs.
     parts = [pipeline.ShapesBatches("train", 0, 16, 16, global_batch=8, process_index=p,
                                     process_count=2, minimal_pairs=True)[2] for p in range(2)]
