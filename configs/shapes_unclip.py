@@ -10,24 +10,13 @@ Stages (each resumable, in workdir/<stage>): the frozen CLIP is the shipped GAN 
 `Pipeline.load(path, generator="unclip")`.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from dalle_jax import config as config_lib
 
 
-def _load(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config():
-    gan = _load("shapes_gan.py")
+    gan = config_lib.sibling_module(__file__, "shapes_gan.py")
     c = ml_collections.ConfigDict()
     c.family = "pipeline"
     c.export_dtype = "float32"

@@ -140,14 +140,23 @@ SCHEMAS: dict[str, dict] = {
 SHAPE_FIELDS = ("family", "model", "data.image_size", "data.context_length")
 
 
-def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
-    """`get_config()` of the config file `name` beside `config_file` (a config's `__file__`),
-    unchecked, for a config built from others: `config.sibling(__file__, "shapes_clip.py")`."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+def _module(path: str):
+    """A config file run as a module of its own (config files are not a package)."""
     spec = importlib.util.spec_from_file_location(f"_dalle_jax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def sibling_module(config_file: str, name: str):
+    """The config file `name` beside `config_file` (a config's `__file__`), as a module."""
+    return _module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
+def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name` beside `config_file`, unchecked, for a config
+    built from others: `config.sibling(__file__, "shapes_clip.py")`."""
+    return sibling_module(config_file, name).get_config()
 
 
 def load(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -155,10 +164,8 @@ def load(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     applies `key=value` overrides and checks the result again."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_dalle_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = _module(path)
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config {path} has no get_config() function")
         config = module.get_config()

@@ -335,8 +335,10 @@ class Pipeline:
             if len(texts[name]) != n:
                 raise ValueError(f"{name} has {len(texts[name])} texts for {n} pictures; give "
                                  "one text, or one per picture")
-        vectors = self.encode_text(texts["from_text"] + texts["to_text"])
-        diff = vectors[n:] - vectors[:n]
+        distinct = sorted(set(texts["from_text"] + texts["to_text"]))  # each encoded once
+        vector = dict(zip(distinct, self.encode_text(distinct)))
+        diff = (np.stack([vector[t] for t in texts["to_text"]])
+                - np.stack([vector[t] for t in texts["from_text"]]))
         norm = np.linalg.norm(diff, axis=-1, keepdims=True)
         if np.any(norm < 1e-6):
             which = "" if n == 1 else f" (picture {int(np.argmin(norm[:, 0]))})"

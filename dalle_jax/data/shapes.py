@@ -320,10 +320,12 @@ def _make_obj(rng: np.random.Generator, colour: str, shape: str, size_name: str,
     h = w * HEIGHT_RATIO[shape]
     cx = (2 * col + 1) / 6.0 + float(jx)
     cy = (2 * row + 1) / 6.0 + float(jy)
-    # Move inward just enough for the bounding box to lie inside [0, 1].
-    cx = min(max(cx, w / 2.0), 1.0 - w / 2.0)
-    cy = min(max(cy, h / 2.0), 1.0 - h / 2.0)
-    return Obj(colour, shape, size_name, w, row, col, cx, cy)
+    return Obj(colour, shape, size_name, w, row, col, _inward(cx, w), _inward(cy, h))
+
+
+def _inward(centre: float, extent: float) -> float:
+    """A centre moved inward just enough for the box of that extent to lie inside [0, 1]."""
+    return min(max(centre, extent / 2.0), 1.0 - extent / 2.0)
 
 
 def _draw_pair(rng: np.random.Generator, allow_held_out: bool) -> tuple[str, str]:
@@ -413,13 +415,12 @@ def counterfactual(sc: Scene, rng: np.random.Generator, allow_held_out: bool = F
     Without `allow_held_out` no object becomes a held-out colour-shape pair; a change that
     would is replaced by another, and a scene with none left comes back unchanged."""
     def reshaped(o: Obj, shape: str) -> Obj:
-        h = o.size_frac * HEIGHT_RATIO[shape]
-        return dataclasses.replace(o, shape=shape, cy=min(max(o.cy, h / 2.0), 1.0 - h / 2.0))
+        return dataclasses.replace(o, shape=shape,
+                                   cy=_inward(o.cy, o.size_frac * HEIGHT_RATIO[shape]))
 
     def moved(o: Obj, to: Obj) -> Obj:
-        h = o.height_frac
         return dataclasses.replace(o, row=to.row, col=to.col, cx=to.cx,
-                                   cy=min(max(to.cy, h / 2.0), 1.0 - h / 2.0))
+                                   cy=_inward(to.cy, o.height_frac))
 
     objs, relation = sc.objects, sc.relation
     candidates = []  # (objects, relation)
