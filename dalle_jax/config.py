@@ -117,7 +117,8 @@ SCHEMAS: dict[str, dict] = {
                      "r1_gamma": Field(float, minimum=0), "r1_interval": Field(int, minimum=1),
                      "reconstruction": _opt(str, choices=("l1", "l2")),
                      "reconstruction_weight": _opt(float, minimum=0),
-                     "adversarial_weight": _opt(float, minimum=0)}},
+                     "adversarial_weight": _opt(float, minimum=0),
+                     "perceptual_weight": _opt(float, minimum=0)}},
     # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and
     # models/unet.py UNetConfig; the sizes CLIP fixes are filled in)
     "diffusion_prior": {**_TRAINING, "eval": _DIFFUSION_EVAL,

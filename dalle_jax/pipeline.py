@@ -100,14 +100,8 @@ class GANGenerator:
             embed_dim=clip_config.embed_dim, token_dim=clip_config.text_width, width=p["width"],
             depth=p["depth"], sample_steps=p["sample_steps"]))
         g = configs["decoder"]["model"]
-        self.gan_config = gan_lib.GANConfig(
-            resolution=image_size, cond_dim=clip_config.embed_dim, z_dim=g["z_dim"],
-            w_dim=g["w_dim"], mapping_layers=g["mapping_layers"],
-            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
-            input_from_w=g.get("input_from_w", False),
-            channels=tuple(g["channels"]),
-            d_channels=tuple(g["d_channels"]), noise=g["noise"],
-            cross_attention_res=tuple(g["cross_attention_res"]), token_dim=clip_config.text_width)
+        self.gan_config = gan_lib.config_from(g, image_size, clip_config.embed_dim,
+                                              clip_config.text_width)
         self.condition = g.get("condition", "image")
         self.generator = gan_lib.Generator(self.gan_config)
 

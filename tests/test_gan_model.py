@@ -67,12 +67,19 @@ def test_minibatch_stddev_sees_the_batch():
     np.testing.assert_allclose(y[..., 3], 0.5, atol=1e-3)  # std of {0, 1} pairs
 
 
-@pytest.mark.parametrize("kernel, cin, cout", [(3, 5, 7), (1, 4, 3), (3, 3, 16)])
-def test_conv2d_values_and_gradients_equal_lax(kernel, cin, cout):
-    """The hand-written weight gradient (per-tap matmuls) and input gradient equal XLA's, and
-    second derivatives (the R1 penalty differentiates a gradient) agree too."""
+@pytest.mark.parametrize("kernel, cin, cout, batch, chunk", [
+    (3, 5, 7, 2, None), (1, 4, 3, 2, None), (3, 3, 16, 2, None),
+    # The weight gradient summed over the batch in chunks: 6 images in 3 chunks of 2; 5
+    # images, where the chunk must shrink to 1 to divide them.
+    (3, 5, 7, 6, 2 * 6 * 5 * 7), (3, 4, 3, 5, 2 * 6 * 5 * 4)])
+def test_conv2d_values_and_gradients_equal_lax(kernel, cin, cout, batch, chunk, monkeypatch):
+    """The hand-written weight gradient (per-tap matmuls, chunked over the batch on large
+    inputs) and input gradient equal XLA's, and second derivatives (the R1 penalty
+    differentiates a gradient) agree too."""
+    if chunk:
+        monkeypatch.setattr(gan, "_WEIGHT_GRAD_CHUNK", chunk)
     kx, kw = jax.random.split(jax.random.PRNGKey(3))
-    x = jax.random.normal(kx, (2, 6, 5, cin))
+    x = jax.random.normal(kx, (batch, 6, 5, cin))
     w = jax.random.normal(kw, (kernel, kernel, cin, cout))
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -59,9 +59,27 @@ class GANConfig:
     mbstd_group: int = 4
 
 
+def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> GANConfig:
+    """A GANConfig from a config's `decoder.model` block (a dict or ConfigDict; fields a model
+    file written before they existed take their old defaults)."""
+    return GANConfig(
+        resolution=resolution, cond_dim=cond_dim, z_dim=model["z_dim"], w_dim=model["w_dim"],
+        mapping_layers=model["mapping_layers"],
+        mapping_lr_mul=model.get("mapping_lr_mul", 0.01),
+        input_from_w=model.get("input_from_w", False),
+        channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
+        noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
+        token_dim=token_dim)
+
+
 def _conv(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Elements of one chunk of the weight gradient's input (about 1 MB of float32): small enough for
+# the nine shifted copies and their matmuls to stay in a 2-core CPU's cache (benchmarks/RESULTS.md).
+_WEIGHT_GRAD_CHUNK = 1 << 18
 
 
 @jax.custom_vjp
@@ -70,8 +88,11 @@ def conv2d(x, w):
 
     XLA's CPU backend computes the weight gradient of a convolution on large, thin feature
     maps (32x32 with 32 channels, say) about 3-5x slower than the same sums written as one
-    matmul per kernel tap; the input gradient is an ordinary convolution and stays one.
-    Values and gradients equal `lax.conv_general_dilated`'s (tests/test_gan_model.py).
+    matmul per kernel tap; the input gradient is an ordinary convolution and stays one. On
+    large maps even those taps run from memory, not cache, so the batch is summed in chunks of
+    about `_WEIGHT_GRAD_CHUNK` elements (images k, k + n, k + 2n, ... in chunk k, so that a
+    batch sharded over devices stays sharded). Values and gradients equal
+    `lax.conv_general_dilated`'s (tests/test_gan_model.py).
     """
     return _conv(x, w)
 
@@ -80,15 +101,33 @@ def _conv2d_fwd(x, w):
     return _conv(x, w), (x, w)
 
 
-def _conv2d_bwd(residual, g):
-    x, w = residual
-    kh, kw, cin, _ = w.shape
-    dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
-    h, wd = x.shape[1:3]
+def _weight_grad(x, g, kh, kw):
+    """sum over the batch of the conv's weight gradient, one matmul per kernel tap."""
+    h, wd, cin = x.shape[1:]
     xp = jnp.pad(x, ((0, 0), (kh // 2, (kh - 1) // 2), (kw // 2, (kw - 1) // 2), (0, 0)))
     gm = g.reshape(-1, g.shape[-1])
-    dw = jnp.stack([jnp.stack([xp[:, i:i + h, j:j + wd, :].reshape(-1, cin).T @ gm
-                               for j in range(kw)]) for i in range(kh)])
+    return jnp.stack([jnp.stack([xp[:, i:i + h, j:j + wd, :].reshape(-1, cin).T @ gm
+                                 for j in range(kw)]) for i in range(kh)])
+
+
+def _conv2d_bwd(residual, g):
+    x, w = residual
+    kh, kw, cin, cout = w.shape
+    dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+    b, h, wd = x.shape[:3]
+    per_chunk = max(1, _WEIGHT_GRAD_CHUNK // (h * wd * max(cin, cout)))
+    while b % per_chunk:
+        per_chunk -= 1
+    chunks = b // per_chunk
+    if chunks == 1:
+        dw = _weight_grad(x, g, kh, kw)
+    else:
+        xs = x.reshape(per_chunk, chunks, *x.shape[1:])
+        gs = g.reshape(per_chunk, chunks, *g.shape[1:])
+        take = lambda a, k: jax.lax.dynamic_index_in_dim(a, k, 1, keepdims=False)
+        dw = jax.lax.fori_loop(
+            0, chunks, lambda k, acc: acc + _weight_grad(take(xs, k), take(gs, k), kh, kw),
+            jnp.zeros((kh, kw, cin, cout), jnp.result_type(x, g)))
     return dx, dw.astype(w.dtype)
 
 

@@ -8,7 +8,10 @@ mismatched condition is a negative), optional CLIP guidance (1 - cosine between 
 CLIP's embedding of the generated picture and its condition) and optional differentiable
 augmentation (Zhao et al. 2020: colour, translation, cutout) on every image the discriminator
 sees, and an optional reconstruction term: the generator's picture for a real image's own CLIP
-vector is pulled toward that image (squared error, or the pix2pix L1 of Isola et al. 2017). The condition is
+vector is pulled toward that image (squared error, or the pix2pix L1 of Isola et al. 2017), in
+pixels and optionally in the frozen CLIP image tower's feature maps (a perceptual loss: Johnson
+et al. 2016; each position's features unit-normalised over channels as in LPIPS, Zhang et al.
+2018, without LPIPS's learned channel weights). The condition is
 an image's complete description here, so the term gives the generator a dense signal from the
 first step, while the adversarial terms keep the edges sharp and the matching-aware term keeps
 the picture faithful to the vector. Both players are updated from the same batch in one
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,14 +70,9 @@ class GANTask:
         self.clip_model = clip_family.build_model(clip_config)
         self.frozen = {"clip": clip_params}
         g = config.model
-        self.gan_config = gan_lib.GANConfig(
-            resolution=config.data.image_size, cond_dim=self.clip_model.config.embed_dim,
-            z_dim=g.z_dim, w_dim=g.w_dim, mapping_layers=g.mapping_layers,
-            mapping_lr_mul=g.get("mapping_lr_mul", 0.01),
-            input_from_w=g.get("input_from_w", False),
-            channels=tuple(g.channels), d_channels=tuple(g.d_channels), noise=g.noise,
-            cross_attention_res=tuple(g.cross_attention_res),
-            token_dim=self.clip_model.config.text_width)
+        self.gan_config = gan_lib.config_from(
+            config.model, config.data.image_size, self.clip_model.config.embed_dim,
+            self.clip_model.config.text_width)
         self.generator = gan_lib.Generator(self.gan_config)
         self.discriminator = gan_lib.Discriminator(self.gan_config)
 
@@ -98,6 +97,27 @@ class GANTask:
             cond = apply(images, self.clip_model.encode_image)[0]
         stop = jax.lax.stop_gradient
         return stop(cond), stop(token_features), tokens != 0
+
+    def feature_maps(self, clip_params, images):
+        """The frozen CLIP image tower's feature maps for a perceptual distance: every
+        GroupNorm's output (the convolutional tower's layers, a ViT's convolutional stem) and
+        the tower's final grid of features (its pooled token dropped)."""
+        (_, grid), state = self.clip_model.apply(
+            {"params": clip_params}, images, method=self.clip_model.encode_image,
+            capture_intermediates=lambda module, _: isinstance(module, nn.GroupNorm),
+            mutable=["intermediates"])
+        maps = [m.reshape(m.shape[0], -1, m.shape[-1])
+                for m in jax.tree.leaves(state.get("intermediates", {}))]
+        return maps + [grid[:, 1:]]
+
+    def perceptual_distance(self, clip_params, fake, real):
+        """Mean over layers of the squared distance between unit-normalised feature vectors,
+        averaged over positions: 0 for identical pictures, at most 4."""
+        unit = lambda f: f * jax.lax.rsqrt(jnp.sum(jnp.square(f), -1, keepdims=True) + 1e-10)
+        fake_maps = self.feature_maps(clip_params, fake)
+        real_maps = jax.lax.stop_gradient(self.feature_maps(clip_params, real))
+        return sum(jnp.mean(jnp.sum(jnp.square(unit(f) - unit(r)), -1))
+                   for f, r in zip(fake_maps, real_maps)) / len(fake_maps)
 
     def grad_fn(self, params, batch, rng, frozen, step):
         lc = self.config.loss
@@ -126,6 +146,10 @@ class GANTask:
                     rec = jnp.square(fake - real).mean()
                 loss = loss + lc.get("reconstruction_weight") * rec
                 metrics["reconstruction"] = rec
+            if lc.get("perceptual_weight", 0.0):
+                perceptual = self.perceptual_distance(frozen["clip"], fake, real)
+                loss = loss + lc.get("perceptual_weight") * perceptual
+                metrics["perceptual"] = perceptual
             if lc.clip_weight:
                 fake_embed = self.clip_model.apply({"params": frozen["clip"]}, fake,
                                                    method=self.clip_model.encode_image)[0]
