@@ -50,9 +50,11 @@ def get_config():
     # this CPU, and the L1 term already keeps the game from drifting. r1_gamma > 0 turns it on.
     # At lr 5e-3 the full-strength adversarial game threw the L1 back up (0.11 -> 0.27 within
     # 40 steps); a tenth of it leaves the decoder led by reconstruction, sharpened by D.
+    # perceptual_weight > 0 adds a distance on the frozen CLIP tower's feature maps (no gain in
+    # a 500-step probe; benchmarks/RESULTS.md, session 7).
     c.decoder.loss = dict(augment="", clip_weight=0.0, matching_weight=1.0, r1_gamma=0.0,
                           r1_interval=16, reconstruction="l2", reconstruction_weight=10.0,
-                          adversarial_weight=0.1)
+                          adversarial_weight=0.1, perceptual_weight=0.0)
     c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=300, use_ema=True)
     return c
