@@ -125,9 +125,11 @@ def _conv2d_bwd(residual, g):
         xs = x.reshape(per_chunk, chunks, *x.shape[1:])
         gs = g.reshape(per_chunk, chunks, *g.shape[1:])
         take = lambda a, k: jax.lax.dynamic_index_in_dim(a, k, 1, keepdims=False)
+        # Summed in float32 whatever the compute dtype, so that bf16 chunks lose nothing.
         dw = jax.lax.fori_loop(
-            0, chunks, lambda k, acc: acc + _weight_grad(take(xs, k), take(gs, k), kh, kw),
-            jnp.zeros((kh, kw, cin, cout), jnp.result_type(x, g)))
+            0, chunks, lambda k, acc: acc + _weight_grad(take(xs, k), take(gs, k), kh,
+                                                         kw).astype(jnp.float32),
+            jnp.zeros((kh, kw, cin, cout), jnp.float32))
     return dx, dw.astype(w.dtype)
 
 
