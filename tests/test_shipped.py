@@ -33,9 +33,10 @@ def test_shipped_file_is_small_and_versioned():
 
 def test_shipped_model_draws_one_object_prompts(pipe):
     """On 128 eval captions the shipped model still draws what it drew at release
-    (benchmarks/RESULTS.md: on the 696 one-object captions of 1,000 the background was right
-    94% of the time, the colour 92%, the position 99%; on these 85 it was 89%, 87% and 100%);
-    a broken load, a changed module or a wrong key schedule would not."""
+    (benchmarks/RESULTS.md, session 7: on the 696 one-object captions of 1,000 the background
+    was right 93% of the time, the colour 94%, the position 98%, the size 86%, the shape 39%;
+    on these 85 it was 87%, 95%, 100%, 82% and 53%); a broken load, a changed module or a
+    wrong key schedule would not."""
     _, captions = shapes.examples(range(128), split="eval", seed=0, size=32)
     pictures = pipe.generate(captions, seed=0)
     checks = {}
@@ -45,7 +46,8 @@ def test_shipped_model_draws_one_object_prompts(pipe):
                 checks.setdefault(name, []).append(ok)
     rates = {k: float(np.mean(v)) for k, v in checks.items()}
     assert rates["background"] >= 0.8 and rates["position"] >= 0.9, rates
-    assert rates["colour"] >= 0.75, rates
+    assert rates["colour"] >= 0.75 and rates["size"] >= 0.7, rates
+    assert rates["shape"] >= 0.35, rates  # the session-6 model read 28%
 
 
 def test_sample_py_with_the_shipped_model(tmp_path):
