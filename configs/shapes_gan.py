@@ -36,9 +36,9 @@ def get_config():
     c.prior.eval_every = 500
     c.prior.eval = dict(num_examples=1000, use_ema=True)
 
-    # 4,500 steps of 64: about 41 minutes at the 110-125 images/s of a 2-core Xeon (benchmarks/
-    # RESULTS.md, session 6); decoder-alone adherence was still rising at 1,800.
-    # lr 1e-2, not 5e-3: the style path learned the condition twice as fast (decoder-alone
+    # 4,500 steps of 64: 41-49 minutes at the 105-125 images/s of a 2-core Xeon (benchmarks/
+    # RESULTS.md, sessions 6 and 7); decoder-alone adherence levelled from step 3,500.
+    # lr 1e-2, not 5e-3: the decoder learned the condition much sooner (decoder-alone
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
     c.decoder = _common("gan", total_steps=4500, global_batch=64, lr=1e-2, ema_decay=0.995)
     c.decoder.optim.b1 = 0.0  # StyleGAN2's Adam betas (0, 0.99)

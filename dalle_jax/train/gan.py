@@ -69,7 +69,6 @@ class GANTask:
         self.config = config
         self.clip_model = clip_family.build_model(clip_config)
         self.frozen = {"clip": clip_params}
-        g = config.model
         self.gan_config = gan_lib.config_from(
             config.model, config.data.image_size, self.clip_model.config.embed_dim,
             self.clip_model.config.text_width)
