@@ -41,5 +41,6 @@ def get_config():
                            num_image_tokens=4, schedule="cosine", num_timesteps=1000,
                            prediction="eps", image_drop_prob=0.1, text_drop_prob=0.5)
     c.decoder.eval_every = 500
-    c.decoder.eval = dict(num_examples=200, use_ema=True, sample_steps=25, guidance_scale=3.0)
+    c.decoder.eval = dict(num_examples=200, use_ema=True, sample_steps=25, guidance_scale=3.0,
+                          eta=1.0)
     return c

@@ -94,7 +94,8 @@ _DIFFUSION = {"schedule": _opt(str, choices=("cosine", "linear")),
               "prediction": _opt(str, choices=("eps", "x0", "v")),
               "text_drop_prob": _opt(float, minimum=0)}
 _DIFFUSION_EVAL = {"num_examples": Field(int, minimum=1), "use_ema": Field(bool),
-                   "sample_steps": _opt(int, minimum=1), "guidance_scale": _opt(float, minimum=0)}
+                   "sample_steps": _opt(int, minimum=1), "guidance_scale": _opt(float, minimum=0),
+                   "eta": _opt(float, minimum=0)}
 
 SCHEMAS: dict[str, dict] = {
     # dalle_jax/train/clip.py

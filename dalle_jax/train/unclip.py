@@ -176,17 +176,20 @@ class DiffusionDecoderTask:
 
     def evaluate(self, params, step: int | None = None) -> dict[str, float]:
         """Decoder adherence: each eval picture re-drawn from its own CLIP image vector and
-        caption (DDIM, `eval.sample_steps` steps, default 25), scored by the analytic adherence
-        scorer; a grid of real | decoded pairs goes to the workdir."""
+        caption (DDIM, `eval.sample_steps` steps, default 25; `eval.eta`, default 1 as the
+        Pipeline draws), scored by the analytic adherence scorer; a grid of real | decoded
+        pairs goes to the workdir."""
         e = self.config.eval
         n = e.num_examples
         images, captions, tokens, keys = _eval_set(self.config.data, n)
         steps, scale = e.get("sample_steps", 25), e.get("guidance_scale", 3.0)
+        eta = e.get("eta", 1.0)
 
         def fn(images, tokens, keys):
             image_embed, _, features, mask = _conditions(self.clip_model, self.frozen["clip"],
                                                          images, tokens)
-            return self.sample_decoder(params, image_embed, features, mask, keys, steps, scale)
+            return self.sample_decoder(params, image_embed, features, mask, keys, steps, scale,
+                                       eta)
 
         fakes = pipeline.to_uint8_images(clip_family.batched(
             fn, pipeline.to_float_images(images), tokens, keys, chunk=min(100, n)))
