@@ -92,6 +92,7 @@ _TRAINING = {
 _DIFFUSION = {"schedule": _opt(str, choices=("cosine", "linear")),
               "num_timesteps": _opt(int, minimum=0),
               "prediction": _opt(str, choices=("eps", "x0", "v")),
+              "min_snr_gamma": _opt(float, minimum=0),
               "text_drop_prob": _opt(float, minimum=0)}
 _DIFFUSION_EVAL = {"num_examples": Field(int, minimum=1), "use_ema": Field(bool),
                    "sample_steps": _opt(int, minimum=1), "guidance_scale": _opt(float, minimum=0),

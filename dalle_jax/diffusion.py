@@ -165,15 +165,32 @@ def from_x0_eps(prediction: str, x0, eps, alpha_bar):
     return target(prediction, x0, eps, alpha_bar)
 
 
-def loss(denoise: Callable, x0, rng, schedule: Schedule, prediction: str):
+def min_snr_weight(prediction: str, alpha_bar, gamma: float):
+    """Hang et al. 2023's min-SNR-gamma loss weight for a network predicting `prediction`: the
+    weight that turns its squared error into min(SNR, gamma) times the squared error of the
+    implied x0 (eps error = SNR x0 error, v error = (SNR + 1) x0 error), so that the nearly
+    clean times, whose targets are easy, stop dominating the gradient. SNR = ab / (1 - ab)."""
+    check(prediction, PREDICTIONS, "prediction target")
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = jnp.minimum(snr, gamma)
+    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[prediction]
+
+
+def loss(denoise: Callable, x0, rng, schedule: Schedule, prediction: str,
+         min_snr_gamma: float = 0.0):
     """Mean squared error of `denoise(x_t, t)` against its target at random times (Ho et al.'s
-    simple loss, for whichever target the network predicts)."""
+    simple loss, for whichever target the network predicts); with `min_snr_gamma` > 0 each
+    example's error is weighted by `min_snr_weight` (the paper's gamma is 5)."""
     k_t, k_noise = jax.random.split(rng)
     t = schedule.sample_time(k_t, (x0.shape[0],))
     ab = schedule.alpha_bar(t)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     output = denoise(q_sample(x0, ab, noise), t)
-    return jnp.mean(jnp.square(output - target(prediction, x0, noise, ab)))
+    error = jnp.square(output - target(prediction, x0, noise, ab))
+    if not min_snr_gamma:
+        return jnp.mean(error)
+    per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+    return jnp.mean(min_snr_weight(prediction, ab, min_snr_gamma) * per_example)
 
 
 def guided(denoise: Callable, cond, null_cond, scale):

@@ -91,6 +91,39 @@ def test_targets_convert_back_to_x0_and_noise(prediction):
     np.testing.assert_allclose(diffusion.from_x0_eps(prediction, rx0, reps, ab), out, atol=1e-4)
 
 
+def test_min_snr_weighting_is_one_x0_loss_for_every_target():
+    """Weighted by min-SNR-gamma, a denoiser that implies the same x0 has the same loss
+    whichever target it outputs (min(SNR, gamma) times its x0 error); with gamma above every
+    SNR the eps loss is the simple loss."""
+    schedule = diffusion.Schedule("cosine", 1000)
+    x0 = jax.random.normal(jax.random.PRNGKey(2), (64, 4, 4, 3))
+    rng = jax.random.PRNGKey(3)
+
+    def denoiser(prediction):
+        def fn(x_t, t):
+            ab = diffusion._expand(schedule.alpha_bar(t), x_t)
+            x0_hat = jnp.tanh(x_t)  # some guess of x0 from x_t
+            eps = (x_t - jnp.sqrt(ab) * x0_hat) / jnp.sqrt(1 - ab)
+            return diffusion.from_x0_eps(prediction, x0_hat, eps, schedule.alpha_bar(t))
+        return fn
+
+    weighted = [float(diffusion.loss(denoiser(p), x0, rng, schedule, p, min_snr_gamma=5.0))
+                for p in diffusion.PREDICTIONS]
+    np.testing.assert_allclose(weighted, weighted[0], rtol=1e-4)
+    simple = [float(diffusion.loss(denoiser(p), x0, rng, schedule, p)) for p in
+              diffusion.PREDICTIONS]
+    assert len({round(v, 3) for v in simple}) == 3  # unweighted, the targets' losses differ
+    np.testing.assert_allclose(
+        diffusion.loss(denoiser("eps"), x0, rng, schedule, "eps", min_snr_gamma=1e12),
+        simple[diffusion.PREDICTIONS.index("eps")], rtol=1e-5)
+    snr = np.array([0.5, 5.0, 50.0])
+    ab = snr / (1 + snr)
+    np.testing.assert_allclose(diffusion.min_snr_weight("x0", ab, 5.0), [0.5, 5.0, 5.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(diffusion.min_snr_weight("eps", ab, 5.0), [1.0, 1.0, 0.1],
+                               rtol=1e-6)
+
+
 # ---- samplers against the exact denoiser of Gaussian data ---------------------------------
 
 MU = jnp.linspace(-1.0, 1.0, 64)  # per-dimension data mean

@@ -40,6 +40,7 @@ class DiffusionPriorConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     prediction: str = "x0"    # the paper's choice; "eps" and "v" also work
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (diffusion.min_snr_weight)
     text_drop_prob: float = 0.1
 
     def __post_init__(self):
@@ -131,7 +132,7 @@ def diffusion_loss(model: DiffusionPrior, params, image_embed, text_embed, token
     denoise = lambda x, t: model.apply({"params": params["net"]}, x, t, text_embed,
                                        token_features, token_mask, drop)
     return diffusion.loss(denoise, standardise(params, image_embed), k_loss, c.noise_schedule,
-                          c.prediction)
+                          c.prediction, c.min_snr_gamma)
 
 
 def best_of(candidates, text_embed):

@@ -53,6 +53,7 @@ class UNetConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     prediction: str = "eps"
+    min_snr_gamma: float = 0.0    # > 0: min-SNR-gamma loss weighting (diffusion.min_snr_weight)
     image_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
     threshold_percentile: float = 0.995  # dynamic thresholding of x0; 0 clips to [-1, 1]
@@ -198,7 +199,8 @@ def diffusion_loss(model: UNet, params, images, image_embed, token_features, tok
     drop_text = jax.random.bernoulli(k_text, c.text_drop_prob, (b,))
     denoise = lambda x, t: model.apply({"params": params}, x, t, image_embed, token_features,
                                        token_mask, drop_image, drop_text)
-    return diffusion.loss(denoise, images, k_loss, c.noise_schedule, c.prediction)
+    return diffusion.loss(denoise, images, k_loss, c.noise_schedule, c.prediction,
+                          c.min_snr_gamma)
 
 
 def sample(model: UNet, params, image_embed, token_features, token_mask, keys, steps: int,
