@@ -64,12 +64,7 @@ def adherence_report(pipe, captions, seed=0, truncation=1.0, use_prior=True, pro
     results = adherence.score_batch(pictures, captions)
     report = adherence.summary(results, captions)
     # Which stated attributes fail, over one-object captions: where to look first.
-    checks: dict[str, list[bool]] = {}
-    for result, caption in zip(results, captions):
-        if len(shapes.parse_caption(caption).objects) == 1:
-            for name, ok in result.checks.items():
-                checks.setdefault(name, []).append(ok)
-    report["one_object_checks"] = {k: float(np.mean(v)) for k, v in sorted(checks.items())}
+    report["one_object_checks"] = adherence.one_object_check_rates(results, captions)
     return report, pictures
 
 

@@ -39,12 +39,7 @@ def test_shipped_model_draws_one_object_prompts(pipe):
     wrong key schedule would not."""
     _, captions = shapes.examples(range(128), split="eval", seed=0, size=32)
     pictures = pipe.generate(captions, seed=0)
-    checks = {}
-    for result, caption in zip(adherence.score_batch(pictures, captions), captions):
-        if len(shapes.parse_caption(caption).objects) == 1:
-            for name, ok in result.checks.items():
-                checks.setdefault(name, []).append(ok)
-    rates = {k: float(np.mean(v)) for k, v in checks.items()}
+    rates = adherence.one_object_check_rates(adherence.score_batch(pictures, captions), captions)
     assert rates["background"] >= 0.8 and rates["position"] >= 0.9, rates
     assert rates["colour"] >= 0.75 and rates["size"] >= 0.7, rates
     assert rates["shape"] >= 0.35, rates  # the session-6 model read 28%

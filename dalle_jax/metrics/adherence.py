@@ -437,3 +437,17 @@ def summary(results: Sequence[AdherenceResult], captions: Sequence[str]) -> dict
         out[name] = float(np.mean(oks)) if oks else float("nan")
         out[f"n_{name}"] = float(len(oks))
     return out
+
+
+def one_object_check_rates(results: Sequence[AdherenceResult],
+                           captions: Sequence[str]) -> dict[str, float]:
+    """How often each stated attribute (colour, shape, size, position, count, background) is
+    right, over the one-object captions: which check fails, where `summary` only says that
+    one did."""
+    checks: dict[str, list[bool]] = {}
+    for result, caption in zip(results, captions):
+        parsed = S.parse_caption(caption)
+        if parsed is not None and len(parsed.objects) == 1:
+            for name, ok in result.checks.items():
+                checks.setdefault(name, []).append(ok)
+    return {k: float(np.mean(v)) for k, v in sorted(checks.items())}
