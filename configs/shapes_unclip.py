@@ -6,7 +6,7 @@ Stages (each resumable, in workdir/<stage>): the frozen CLIP is the shipped GAN 
 (`clip.import_from = "shipped:gan"`, so the two generators are compared on one CLIP; set
 `clip.import_from=""` to train it here as configs/shapes_clip.py does), then the diffusion
 `prior` (causal Transformer, x0 target) and the diffusion `decoder` (ADM/GLIDE-style U-Net at
-32 px, eps target, cosine schedule); then workdir/model.npz, loaded by
+32 px, v target, cosine schedule); then workdir/model.npz, loaded by
 `Pipeline.load(path, generator="unclip")`.
 """
 
@@ -32,15 +32,18 @@ def get_config():
     c.prior.eval_every = 500
     c.prior.eval = dict(num_examples=500, use_ema=True, sample_steps=25, guidance_scale=1.0)
 
-    # ~28 images/s on this CPU: 1,500 steps of 64 are about an hour (the shipped model's run;
-    # decoder-alone adherence at eta 0 was 0 / 3 / 16% at steps 500 / 1,000 / 1,500).
+    # ~28 images/s on this CPU: 1,500 steps of 64 are about an hour. v-prediction with min-SNR-5
+    # weighting (Salimans & Ho 2022; Hang et al. 2023), not eps: the eps decoder drew black and
+    # white backgrounds grey and reached 29 / 15% one-object adherence (seen / held-out, 25
+    # steps), this one 38 / 39% (benchmarks/RESULTS.md, sessions 8 and 9).
     c.decoder = gan._common("diffusion_decoder", total_steps=1500, global_batch=64, lr=1e-3,
                             ema_decay=0.995)
     c.decoder.optim.clip_norm = 1.0
     c.decoder.model = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                            attention_resolutions=(8,), num_heads=4, context_dim=64,
                            num_image_tokens=4, schedule="cosine", num_timesteps=1000,
-                           prediction="eps", image_drop_prob=0.1, text_drop_prob=0.5)
+                           prediction="v", min_snr_gamma=5.0, image_drop_prob=0.1,
+                           text_drop_prob=0.5)
     c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=200, use_ema=True, sample_steps=25, guidance_scale=3.0,
                           eta=1.0)

@@ -21,7 +21,7 @@ def gan_config(r1_gamma=1.0, **mesh):
                    condition="image"),
         loss=dict(augment="color,translation,cutout", clip_weight=1.0, matching_weight=1.0,
                   r1_gamma=r1_gamma, r1_interval=2, reconstruction_weight=1.0,
-                  perceptual_weight=0.5),
+                  reconstruction_shift=1, perceptual_weight=0.5),
         optim=dict(lr=2e-3, warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.0, b1=0.0,
                    b2=0.99, eps=1e-8, clip_norm=1e3, ema_decay=0.9),
         dtype="float32", remat=False, grad_accum_steps=1,
@@ -108,3 +108,25 @@ def test_perceptual_distance_reads_every_layer_of_a_conv_tower():
     assert 0.0 < distance <= 4.0
     g_fake, g_real = jax.grad(task.perceptual_distance, (1, 2))(clip_params, fake, real)
     assert np.abs(g_fake).max() > 0 and np.abs(g_real).max() == 0
+
+
+def test_shift_tolerant_reconstruction_forgives_small_translations_only():
+    rng = np.random.default_rng(0)
+    real = np.zeros((2, 12, 12, 3), np.float32)
+    real[:, 4:7, 5:8] = rng.uniform(0.2, 1.0, (2, 3, 3, 3))  # an object away from the edges
+    moved = np.roll(real, (2, -1), axis=(1, 2))  # 2 px down, 1 px left
+    plain = gan_family.reconstruction_error(moved, real, "l2", 0)
+    assert plain > 0
+    np.testing.assert_allclose(gan_family.reconstruction_error(moved, real, "l2", 2), 0.0,
+                               atol=1e-7)
+    # One pixel of tolerance cannot undo a 2 px move, and the plain error is the s = 0 case.
+    assert 0 < gan_family.reconstruction_error(moved, real, "l1", 1) < \
+        gan_family.reconstruction_error(moved, real, "l1", 0)
+    np.testing.assert_allclose(plain, np.mean(np.square(moved - real)), rtol=1e-6)
+    # Each picture takes its own best shift: a batch of one moved and one unmoved copy is 0.
+    mixed = np.concatenate([moved[:1], real[1:]])
+    np.testing.assert_allclose(gan_family.reconstruction_error(mixed, real, "l2", 2), 0.0,
+                               atol=1e-7)
+    # The gradient reaches the drawn picture.
+    grad = jax.grad(lambda f: gan_family.reconstruction_error(f, real, "l2", 1))(real + 0.1)
+    assert np.abs(grad).sum() > 0
