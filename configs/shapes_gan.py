@@ -53,7 +53,9 @@ def get_config():
     # At lr 5e-3 the full-strength adversarial game threw the L1 back up (0.11 -> 0.27 within
     # 40 steps); a tenth of it leaves the decoder led by reconstruction, sharpened by D.
     # perceptual_weight > 0 adds a distance on the frozen CLIP tower's feature maps (no gain in
-    # a 500-step probe; benchmarks/RESULTS.md, session 7).
+    # a 500-step probe; benchmarks/RESULTS.md, session 7); reconstruction_shift = s > 0 takes
+    # the squared error at the best of the real picture's shifts by up to s px (no gain by step
+    # 2,500 at s = 2; session 9).
     c.decoder.loss = dict(augment="", clip_weight=0.0, matching_weight=1.0, r1_gamma=0.0,
                           r1_interval=16, reconstruction="l2", reconstruction_weight=10.0,
                           adversarial_weight=0.1, perceptual_weight=0.0)
