@@ -11,9 +11,10 @@ SMALL = dict(channels=(32, 32, 16, 16, 8), d_channels=(8, 16, 32, 32, 32), w_dim
              cond_dim=16, token_dim=16, mapping_layers=2)
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_generator_and_discriminator_shapes(resolution):
-    config = gan.GANConfig(resolution=resolution, cross_attention_res=(8,), **SMALL)
+@pytest.mark.parametrize("resolution, upsample", [(32, "nearest"), (64, "bilinear")])
+def test_generator_and_discriminator_shapes(resolution, upsample):
+    config = gan.GANConfig(resolution=resolution, cross_attention_res=(8,), upsample=upsample,
+                           **SMALL)
     k = jax.random.PRNGKey(0)
     z, cond = jax.random.normal(k, (4, 16)), jax.random.normal(k, (4, 16))
     tokens, mask = jax.random.normal(k, (4, 6, 16)), jnp.ones((4, 6), bool)
@@ -25,6 +26,19 @@ def test_generator_and_discriminator_shapes(resolution):
     assert "b8_xattn" in gp["synthesis"]
     dp = d.init(k, images, cond)["params"]
     assert d.apply({"params": dp}, images, cond).shape == (4,)
+
+
+def test_smooth_upsampling_is_bilinear_and_keeps_flat_maps_flat():
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    np.testing.assert_allclose(gan.upsample2x_smooth(x),
+                               jax.image.resize(x, (2, 10, 14, 3), "bilinear"), atol=1e-6)
+    # Its gradient (built from shifts) is the transpose of the same linear map.
+    g = np.random.default_rng(1).normal(size=(2, 10, 14, 3)).astype(np.float32)
+    ours = jax.grad(lambda v: jnp.sum(gan.upsample2x_smooth(v) * g))(x)
+    ref = jax.grad(lambda v: jnp.sum(jax.image.resize(v, (2, 10, 14, 3), "bilinear") * g))(x)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    flat = np.full((1, 4, 4, 2), 0.3, np.float32)
+    np.testing.assert_allclose(gan.upsample2x_smooth(flat), 0.3, atol=1e-7)
 
 
 def test_activation_modulation_equals_weight_modulation():

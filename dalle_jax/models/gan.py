@@ -57,6 +57,9 @@ class GANConfig:
     input_from_w: bool = False
     token_dim: int = 128       # width of the caption's token features
     mbstd_group: int = 4
+    # "nearest" (what the models trained before this field existed used) or "bilinear"
+    # (StyleGAN2's low-pass upsampling, for both the feature maps and the RGB skips).
+    upsample: str = "nearest"
 
 
 def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> GANConfig:
@@ -69,7 +72,7 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         input_from_w=model.get("input_from_w", False),
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
-        token_dim=token_dim)
+        token_dim=token_dim, upsample=model.get("upsample", "nearest"))
 
 
 def _conv(x, w):
@@ -140,6 +143,25 @@ def upsample2x(x):
     """Nearest-neighbour 2x upsampling as two repeats: the gradient is a reshape and a sum,
     where `jax.image.resize`'s is a scatter that is slow on CPUs."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _smooth_upsample_axis(x, axis):
+    n = x.shape[axis]
+    take = lambda start, stop: jax.lax.slice_in_dim(x, start, stop, axis=axis)
+    prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)  # edge pixels repeated
+    nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+    even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
+    out = jnp.stack([even, odd], axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+
+
+def upsample2x_smooth(x):
+    """2x upsampling through StyleGAN2's [1, 3, 3, 1] low-pass filter (Karras et al. 2020),
+    i.e. bilinear with half-pixel centres and the edge pixels repeated (the values of
+    `jax.image.resize(..., "bilinear")`), built from shifts so that its gradient stays cheap.
+    Nearest-neighbour upsampling leaves the coarse levels' RGB in 8x8 blocks that the fine
+    levels must cancel exactly."""
+    return _smooth_upsample_axis(_smooth_upsample_axis(x, 1), 2)
 
 
 class EqualizedDense(nn.Module):
@@ -277,12 +299,15 @@ class SynthesisNetwork(nn.Module):
         if c.input_from_w:
             x = x + EqualizedDense(16 * c.channels[0], name="input_from_w")(w).reshape(
                 b, 4, 4, c.channels[0]).astype(self.dtype)
+        if c.upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be nearest or bilinear, got {c.upsample!r}")
+        up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
         for i in range(levels):
             res, ch = 4 * 2 ** i, c.channels[i]
             if i > 0:
-                x = upsample2x(x)
+                x = up(x)
                 x = SynthesisLayer(ch, c.noise, self.dtype, name=f"b{res}_conv0")(x, w, keys[2 * i])
             if res in c.cross_attention_res and tokens is not None:
                 x = CrossAttention(dtype=self.dtype, name=f"b{res}_xattn")(x, tokens, token_mask)
@@ -290,7 +315,7 @@ class SynthesisNetwork(nn.Module):
             y = ModulatedConv(3, kernel=1, demodulate=False, dtype=self.dtype,
                               name=f"b{res}_torgb")(x, w)
             y = y + self.param(f"b{res}_torgb_bias", nn.initializers.zeros, (3,))
-            rgb = y if rgb is None else upsample2x(rgb) + y
+            rgb = y if rgb is None else up(rgb) + y
         return rgb.astype(jnp.float32)
 
 
