@@ -143,6 +143,9 @@ SCHEMAS: dict[str, dict] = {
 
 # The fields that fix a model's parameter shapes: a checkpoint resumes only under equal ones.
 SHAPE_FIELDS = ("family", "model", "data.image_size", "data.context_length")
+# Model fields added after runs were saved without them, with the value such a run trained
+# with: a checkpoint that lacks one resumes under a config that states that value.
+LATER_FIELD_DEFAULTS = {"model.upsample": "nearest", "model.min_snr_gamma": 0.0}
 
 
 def _module(path: str):
@@ -407,6 +410,7 @@ def _check_run(config, run_dir: str, what: str):
         return
     saved = _shape_of(meta["config"])
     wanted = _shape_of(json.loads(config.to_json_best_effort()))
+    saved = {**{k: v for k, v in LATER_FIELD_DEFAULTS.items() if k in wanted}, **saved}
     if saved.get("family") != wanted.get("family"):
         raise ConfigError(f"{run_dir} holds a {saved.get('family')} run, not the "
                           f"{wanted.get('family')} run this config trains: give {what} its own "

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -194,6 +195,20 @@ def test_workdir_of_another_model_is_refused(tmp_path):
         with pytest.raises(config_lib.ConfigError, match=None) as error:
             config_lib.check_workdir(config, workdir)
         assert message in str(error.value), str(error.value)
+
+
+def test_a_run_saved_before_a_model_field_existed_resumes_under_its_old_value(tmp_path):
+    pipeline = config_lib.load(GAN_CONFIG, SMALL)
+    old = pipeline.decoder.to_dict()
+    del old["model"]["upsample"]  # as the code before decoder.model.upsample wrote it
+    run = tmp_path / "run"
+    fake_run(run / "clip", pipeline.clip)
+    fake_run(run / "prior", pipeline.prior)
+    fake_run(run / "decoder", ml_collections.ConfigDict(old))
+    config_lib.check_workdir(pipeline, str(run))  # "nearest" is what it trained with
+    with pytest.raises(config_lib.ConfigError, match="model.upsample 'nearest' -> 'bilinear'"):
+        config_lib.check_workdir(config_lib.load(GAN_CONFIG, SMALL + [
+            "decoder.model.upsample=bilinear"]), str(run))
 
 
 def test_train_command_writes_nothing_into_a_foreign_workdir(tmp_path):
