@@ -114,7 +114,8 @@ SCHEMAS: dict[str, dict] = {
                       "channels": Field(list, item=int), "d_channels": Field(list, item=int),
                       "noise": Field(bool), "cross_attention_res": Field(list, item=int),
                       "condition": Field(str, choices=("image", "text")),
-                      "upsample": _opt(str, choices=("nearest", "bilinear"))},
+                      "upsample": _opt(str, choices=("nearest", "bilinear")),
+                      "input_res": _opt(int, minimum=1)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
                      "r1_gamma": Field(float, minimum=0), "r1_interval": Field(int, minimum=1),
@@ -145,7 +146,8 @@ SCHEMAS: dict[str, dict] = {
 SHAPE_FIELDS = ("family", "model", "data.image_size", "data.context_length")
 # Model fields added after runs were saved without them, with the value such a run trained
 # with: a checkpoint that lacks one resumes under a config that states that value.
-LATER_FIELD_DEFAULTS = {"model.upsample": "nearest", "model.min_snr_gamma": 0.0}
+LATER_FIELD_DEFAULTS = {"model.upsample": "nearest", "model.input_res": 4,
+                        "model.min_snr_gamma": 0.0}
 
 
 def _module(path: str):

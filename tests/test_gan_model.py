@@ -11,10 +11,11 @@ SMALL = dict(channels=(32, 32, 16, 16, 8), d_channels=(8, 16, 32, 32, 32), w_dim
              cond_dim=16, token_dim=16, mapping_layers=2)
 
 
-@pytest.mark.parametrize("resolution, upsample", [(32, "nearest"), (64, "bilinear")])
-def test_generator_and_discriminator_shapes(resolution, upsample):
+@pytest.mark.parametrize("resolution, upsample, input_res",
+                         [(32, "nearest", 4), (64, "bilinear", 4), (32, "nearest", 8)])
+def test_generator_and_discriminator_shapes(resolution, upsample, input_res):
     config = gan.GANConfig(resolution=resolution, cross_attention_res=(8,), upsample=upsample,
-                           **SMALL)
+                           input_res=input_res, **SMALL)
     k = jax.random.PRNGKey(0)
     z, cond = jax.random.normal(k, (4, 16)), jax.random.normal(k, (4, 16))
     tokens, mask = jax.random.normal(k, (4, 6, 16)), jnp.ones((4, 6), bool)
@@ -24,6 +25,7 @@ def test_generator_and_discriminator_shapes(resolution, upsample):
     assert images.shape == (4, resolution, resolution, 3)
     assert np.isfinite(np.asarray(images)).all()
     assert "b8_xattn" in gp["synthesis"]
+    assert gp["synthesis"]["const"].shape[:2] == (input_res, input_res)
     dp = d.init(k, images, cond)["params"]
     assert d.apply({"params": dp}, images, cond).shape == (4,)
 

@@ -46,7 +46,7 @@ class GANConfig:
     w_dim: int = 256
     mapping_layers: int = 4
     mapping_lr_mul: float = 0.01
-    # channels per resolution, from 4x4 up: resolution 4 * 2**i gets channels[i]
+    # channels per resolution, from the input up: resolution input_res * 2**i gets channels[i]
     channels: tuple[int, ...] = (256, 256, 128, 64)
     d_channels: tuple[int, ...] = (64, 128, 256, 256)
     noise: bool = True
@@ -60,6 +60,9 @@ class GANConfig:
     # "nearest" (what the models trained before this field existed used) or "bilinear"
     # (StyleGAN2's low-pass upsampling, for both the feature maps and the RGB skips).
     upsample: str = "nearest"
+    # The side of the synthesis network's input map (4 as in StyleGAN; 8 gives the projection
+    # of w four times the spatial detail before any convolution).
+    input_res: int = 4
 
 
 def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> GANConfig:
@@ -72,7 +75,8 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         input_from_w=model.get("input_from_w", False),
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
-        token_dim=token_dim, upsample=model.get("upsample", "nearest"))
+        token_dim=token_dim, upsample=model.get("upsample", "nearest"),
+        input_res=model.get("input_res", 4))
 
 
 def _conv(x, w):
@@ -289,23 +293,26 @@ class SynthesisNetwork(nn.Module):
     @nn.compact
     def __call__(self, w, rng, tokens=None, token_mask=None):
         c = self.config
-        levels = int(np.log2(c.resolution)) - 1  # 4, 8, ..., resolution
+        r0 = c.input_res
+        levels = int(np.log2(c.resolution // r0)) + 1  # r0, 2 r0, ..., resolution
+        if r0 < 1 or r0 * 2 ** (levels - 1) != c.resolution:
+            raise ValueError(f"input_res {r0} must divide {c.resolution} by a power of 2")
         if len(c.channels) < levels:
             raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
                              f"got {c.channels}")
         b = w.shape[0]
-        const = self.param("const", nn.initializers.normal(1.0), (4, 4, c.channels[0]))
-        x = jnp.broadcast_to(const.astype(self.dtype), (b, 4, 4, c.channels[0]))
+        const = self.param("const", nn.initializers.normal(1.0), (r0, r0, c.channels[0]))
+        x = jnp.broadcast_to(const.astype(self.dtype), (b, r0, r0, c.channels[0]))
         if c.input_from_w:
-            x = x + EqualizedDense(16 * c.channels[0], name="input_from_w")(w).reshape(
-                b, 4, 4, c.channels[0]).astype(self.dtype)
+            x = x + EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w).reshape(
+                b, r0, r0, c.channels[0]).astype(self.dtype)
         if c.upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be nearest or bilinear, got {c.upsample!r}")
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
         for i in range(levels):
-            res, ch = 4 * 2 ** i, c.channels[i]
+            res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:
                 x = up(x)
                 x = SynthesisLayer(ch, c.noise, self.dtype, name=f"b{res}_conv0")(x, w, keys[2 * i])
