@@ -294,9 +294,10 @@ class SynthesisNetwork(nn.Module):
     def __call__(self, w, rng, tokens=None, token_mask=None):
         c = self.config
         r0 = c.input_res
-        levels = int(np.log2(c.resolution // r0)) + 1  # r0, 2 r0, ..., resolution
-        if r0 < 1 or r0 * 2 ** (levels - 1) != c.resolution:
+        ratio = c.resolution // r0 if r0 >= 1 else 0
+        if ratio < 1 or ratio * r0 != c.resolution or ratio & (ratio - 1):
             raise ValueError(f"input_res {r0} must divide {c.resolution} by a power of 2")
+        levels = int(np.log2(ratio)) + 1  # r0, 2 r0, ..., resolution
         if len(c.channels) < levels:
             raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
                              f"got {c.channels}")
