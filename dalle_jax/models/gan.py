@@ -64,6 +64,14 @@ class GANConfig:
     # of w four times the spatial detail before any convolution).
     input_res: int = 4
 
+    def __post_init__(self):
+        if self.upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be nearest or bilinear, got {self.upsample!r}")
+        ratio = self.resolution // self.input_res if self.input_res >= 1 else 0
+        if ratio < 1 or ratio * self.input_res != self.resolution or ratio & (ratio - 1):
+            raise ValueError(f"input_res {self.input_res} must divide {self.resolution} by a "
+                             "power of 2")
+
 
 def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> GANConfig:
     """A GANConfig from a config's `decoder.model` block (a dict or ConfigDict; fields a model
@@ -75,8 +83,8 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         input_from_w=model.get("input_from_w", False),
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
-        token_dim=token_dim, upsample=model.get("upsample", "nearest"),
-        input_res=model.get("input_res", 4))
+        token_dim=token_dim, upsample=model.get("upsample", GANConfig.upsample),
+        input_res=model.get("input_res", GANConfig.input_res))
 
 
 def _conv(x, w):
@@ -294,10 +302,7 @@ class SynthesisNetwork(nn.Module):
     def __call__(self, w, rng, tokens=None, token_mask=None):
         c = self.config
         r0 = c.input_res
-        ratio = c.resolution // r0 if r0 >= 1 else 0
-        if ratio < 1 or ratio * r0 != c.resolution or ratio & (ratio - 1):
-            raise ValueError(f"input_res {r0} must divide {c.resolution} by a power of 2")
-        levels = int(np.log2(ratio)) + 1  # r0, 2 r0, ..., resolution
+        levels = int(np.log2(c.resolution // r0)) + 1  # r0, 2 r0, ..., resolution
         if len(c.channels) < levels:
             raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
                              f"got {c.channels}")
@@ -307,8 +312,6 @@ class SynthesisNetwork(nn.Module):
         if c.input_from_w:
             x = x + EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w).reshape(
                 b, r0, r0, c.channels[0]).astype(self.dtype)
-        if c.upsample not in ("nearest", "bilinear"):
-            raise ValueError(f"upsample must be nearest or bilinear, got {c.upsample!r}")
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
