@@ -3,6 +3,7 @@ train and to sample, and how well each follows shapes prompts.
 
     python benchmarks/bench_generators.py [--part speed|adherence|all] [--num 300]
         [--gan MODEL.npz] [--unclip MODEL.npz] [--steps 5]  # --num 400 by default
+        [--generators gan unclip] [--unclip-steps 25 50] [--rerank 1 8]
 
 speed      training throughput of each stage of both pipelines (the shipped configs,
            configs/shapes_gan.py and configs/shapes_unclip.py, random weights: speed does not
@@ -11,8 +12,9 @@ speed      training throughput of each stage of both pipelines (the shipped conf
            Needs an otherwise idle machine.
 adherence  the analytic scorer on the first `--num` eval captions, one picture each, seed 0:
            the GAN, and unCLIP at 25 and 50 decoder steps (guidance 3, the defaults), by group
-           (one object seen / held-out pair, two objects) with Wilson 95% intervals. Times do
-           not matter here, so it may share the machine.
+           (one object seen / held-out pair, two objects) with Wilson 95% intervals; with
+           `--rerank K`, also each picture as the best of K candidates by the model's CLIP.
+           Times do not matter here, so it may share the machine.
 Without --gan / --unclip the shipped models are used.
 """
 
@@ -74,9 +76,14 @@ def _cell(right: int, n: int) -> str:
 def part_adherence(args):
     _, captions = shapes.examples(range(args.num), split="eval", seed=0, size=32)
     rows = []
-    runs = [("GAN (truncation 1)", "gan", args.gan, {})]
-    runs += [(f"unCLIP, {s} decoder steps", "unclip", args.unclip, {"steps": s})
-             for s in (25, 50)]
+    runs = []
+    for k in args.rerank:
+        best = f", best of {k} by CLIP" if k > 1 else ""
+        if "gan" in args.generators:
+            runs.append((f"GAN (truncation 1){best}", "gan", args.gan, {"rerank": k}))
+        if "unclip" in args.generators:
+            runs += [(f"unCLIP, {s} decoder steps{best}", "unclip", args.unclip,
+                      {"steps": s, "rerank": k}) for s in args.unclip_steps]
     print(f"\n| adherence, {args.num} eval captions, seed 0 | "
           + " | ".join(g.replace("_", " ") for g in GROUPS) + " | seconds |")
     print("|---|" + "---:|" * (len(GROUPS) + 1))
@@ -140,6 +147,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--reps", type=int, default=3, help="timed sampling calls")
     parser.add_argument("--batch", type=int, default=16, help="unCLIP sampling batch")
+    parser.add_argument("--generators", nargs="+", choices=("gan", "unclip"),
+                        default=["gan", "unclip"], help="adherence: which generators")
+    parser.add_argument("--unclip-steps", nargs="+", type=int, default=[25, 50],
+                        help="adherence: unCLIP decoder steps to score")
+    parser.add_argument("--rerank", nargs="+", type=int, default=[1], metavar="K",
+                        help="adherence: also score the best of K candidates by CLIP "
+                        "(Pipeline.generate's rerank)")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()

@@ -79,6 +79,9 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--prior-steps", type=int, help="unCLIP: prior DDIM steps (default 25)")
     parser.add_argument("--prior-guidance-scale", type=float,
                         help="unCLIP: prior classifier-free guidance (default 1)")
+    parser.add_argument("--rerank", type=int, default=1, metavar="K",
+                        help="draw K candidates per picture and keep the one the model's CLIP "
+                        "finds closest to the prompt (K times the work; default 1)")
     parser.add_argument("--scale", type=int, default=4, help="enlarge the grid this many times")
     parser.add_argument("--variations", metavar="IMG", help="re-draw this picture --num times")
     parser.add_argument("--interpolate", nargs=2, metavar="IMG",
@@ -99,6 +102,10 @@ def sample_main(argv=None) -> int:
         return _fail("--edit needs --from TEXT and --to TEXT")
     if args.num < 1 or args.num > 1024:
         return _fail(f"--num must be between 1 and 1024, not {args.num}")
+    if not 1 <= args.rerank <= 64:
+        return _fail(f"--rerank must be between 1 and 64, not {args.rerank}")
+    if args.rerank > 1 and modes:
+        return _fail(f"--rerank ranks pictures against a prompt; --{modes[0]} has none")
     if not 1 <= args.scale <= 32:
         return _fail(f"--scale must be between 1 and 32, not {args.scale}")
     if not 0.0 <= args.amount <= 1.0:
@@ -149,13 +156,16 @@ def sample_main(argv=None) -> int:
                 pictures = np.concatenate([source[None], edited])
                 what = f"edit of {args.edit}: {from_text!r} -> {to_text!r}"
             else:
-                pictures = pipe.generate(prompts, args.num, args.seed, **options)
+                pictures = pipe.generate(prompts, args.num, args.seed, rerank=args.rerank,
+                                         **options)
                 what = " | ".join(prompts)
         for w in caught:
             print(f"warning: {one_line(str(w.message))}", file=sys.stderr)
         cols = args.num if not (args.interpolate or args.edit) else len(pictures)
         metadata = {"prompt": what, "seed": args.seed, "model": pipe.path,
                     "generator": args.generator, **pipe.options(options)}
+        if args.rerank > 1:
+            metadata["rerank"] = args.rerank
         images_lib.save_png(args.out, images_lib.grid(pictures, cols=cols),
                             {k: _printable(str(v)) for k, v in metadata.items()},
                             scale=args.scale)

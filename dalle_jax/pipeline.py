@@ -89,6 +89,16 @@ def picture_keys(seed: int, rows: list[tuple[int, int]]) -> np.ndarray:
     return np.asarray(fold(i, j))
 
 
+def candidate_keys(keys: np.ndarray, k: int) -> np.ndarray:
+    """[N * k] keys, row-major: each key itself, then fold_in(key, 1), ..., fold_in(key, k-1)."""
+    if k == 1 or not len(keys):
+        return np.repeat(keys, k, axis=0)
+    fold = jax.jit(jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None)))
+    out = np.array(fold(keys, np.arange(k, dtype=np.int32)))
+    out[:, 0] = keys
+    return out.reshape(-1, keys.shape[-1])
+
+
 class GANGenerator:
     """The GAN path: flow-matching prior, StyleGAN2-style generator (one forward pass)."""
 
@@ -276,20 +286,33 @@ class Pipeline:
 
     def generate(self, prompts: list[str], num_per_prompt: int = 1, seed: int = 0,
                  truncation: float | None = None, use_prior: bool = True, progress=None,
-                 **options) -> np.ndarray:
+                 rerank: int = 1, **options) -> np.ndarray:
         """num_per_prompt pictures per prompt, prompt-major: [len(prompts) * num, H, W, 3].
 
+        `rerank=K > 1` draws K candidates for each picture and keeps the one whose CLIP image
+        vector is closest to its prompt's text vector (the model's own CLIP, as DALL-E
+        reranked its samples; Ramesh et al. 2021): K times the sampling work. Candidate 0 is
+        the picture `rerank=1` draws, candidate k > 0 is keyed by fold_in(picture key, k).
         `use_prior=False` decodes the text vector itself as if it were an image vector (no
         prior), the baseline the prior is measured against. `progress` (a tqdm bar, or any
         object with `update(n)`) is told of each batch drawn. Other keywords are the
         generator's sampling options (`OPTIONS`)."""
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+            raise ValueError(f"rerank must be a whole number of candidates >= 1, not {rerank!r}")
         options = self.options(_with_truncation(options, truncation))
         tokens = self.tokenize(prompts)
         rows = [(i, j) for i in range(len(prompts)) for j in range(num_per_prompt)]
-        keys = picture_keys(seed, rows)
-        idx = np.asarray([i for i, _ in rows], np.int64)
+        keys = candidate_keys(picture_keys(seed, rows), rerank)
+        idx = np.repeat(np.asarray([i for i, _ in rows], np.int64), rerank)
         fn = self._compile("generate" if use_prior else "generate_without_prior", options)
-        return self._chunked(fn, tokens[idx], keys, progress=progress)[0]
+        pictures = self._chunked(fn, tokens[idx], keys, progress=progress)[0]
+        if rerank == 1:
+            return pictures
+        text = self._chunked(self._text_fn, tokens)[0][idx].reshape(len(rows), rerank, -1)
+        image = self.encode_images(pictures).reshape(len(rows), rerank, -1)
+        best = np.argmax(np.einsum("nke,nke->nk", image, text), axis=1)
+        return pictures.reshape(len(rows), rerank, *pictures.shape[1:])[np.arange(len(rows)),
+                                                                         best]
 
     def variations(self, images, num: int = 4, seed: int = 0, truncation: float | None = None,
                    **options) -> np.ndarray:

@@ -72,6 +72,35 @@ def test_generate_shapes_and_batch_independence(pipe, model_file):
     assert not np.array_equal(out[0], out[1])  # samples of one prompt differ
 
 
+def test_rerank_keeps_the_candidate_clip_scores_highest(pipe, model_file):
+    from dalle_jax.pipeline import candidate_keys, picture_keys
+    k = 3
+    best = pipe.generate(PROMPTS, num_per_prompt=2, seed=5, rerank=k)
+    assert best.shape == (6, 16, 16, 3) and best.dtype == np.uint8
+    # The candidates by hand: candidate 0 is the picture rerank=1 draws, candidate j > 0 is
+    # keyed by fold_in(picture key, j).
+    keys = picture_keys(5, [(i, j) for i in range(3) for j in range(2)])
+    ck = candidate_keys(keys, k)
+    np.testing.assert_array_equal(ck[::k], keys)
+    np.testing.assert_array_equal(ck[1], np.asarray(jax.random.fold_in(keys[0], 1)))
+    tokens = np.repeat(pipe.tokenize(PROMPTS), 2 * k, axis=0)
+    fn = pipe._compile("generate", pipe.options())
+    candidates = pipe._chunked(fn, tokens, ck)[0].reshape(6, k, 16, 16, 3)
+    np.testing.assert_array_equal(candidates[:, 0], pipe.generate(PROMPTS, 2, seed=5))
+    assert not np.array_equal(candidates[:, 0], candidates[:, 1])
+    text = np.repeat(pipe.encode_text(PROMPTS), 2, axis=0)
+    scores = np.einsum("nke,ne->nk",
+                       pipe.encode_images(candidates.reshape(-1, 16, 16, 3)).reshape(6, k, -1),
+                       text)
+    np.testing.assert_array_equal(best, candidates[np.arange(6), scores.argmax(1)])
+    # Still independent of the batch it was drawn in.
+    other = Pipeline.load(model_file, batch_size=5)
+    np.testing.assert_array_equal(other.generate(PROMPTS[:2], 2, seed=5, rerank=k), best[:4])
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="rerank"):
+            pipe.generate(PROMPTS[:1], rerank=bad)
+
+
 def test_variations_interpolate_edit(pipe):
     source = pipe.generate(PROMPTS[:2], seed=1)
     var = pipe.variations(source, num=3, seed=2)
@@ -231,6 +260,11 @@ def test_sample_cli_end_to_end(tmp_path, model_file):
         assert im.text["seed"] == "4" and im.text["model"] == model_file
         assert "a blue star" in im.text["prompt"]
         assert im.size == ((3 * 18 + 2) * 2, (2 * 18 + 2) * 2)
+    r = run_sample("a blue star", "--num", "2", "--rerank", "3", "--checkpoint", model_file,
+                   "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        assert im.text["rerank"] == "3"
     # The image modes read a picture the user gives.
     src = tmp_path / "src.png"
     Image.fromarray(np.full((40, 50, 4), 200, np.uint8)).save(src)  # RGBA, not square
@@ -248,6 +282,8 @@ def test_sample_cli_end_to_end(tmp_path, model_file):
     (["--variations", "/no/such.png"], "no such image"),
     (["--edit", "x.png"], "--from"),
     (["a red circle", "--num", "0"], "--num"),
+    (["a red circle", "--rerank", "0"], "--rerank"),
+    (["--variations", "x.png", "--rerank", "2"], "--rerank"),
     (["a red circle", "--out", "/proc/forbidden/x.png"], "cannot write"),
 ])
 def test_sample_cli_bad_input_is_one_line(args, message, model_file):
