@@ -4,6 +4,7 @@ train and to sample, and how well each follows shapes prompts.
     python benchmarks/bench_generators.py [--part speed|adherence|all] [--num 300]
         [--gan MODEL.npz] [--unclip MODEL.npz] [--steps 5]  # --num 400 by default
         [--generators gan unclip] [--unclip-steps 25 50] [--rerank 1 8]
+        [--prior-temperature 1 0.5]
 
 speed      training throughput of each stage of both pipelines (the shipped configs,
            configs/shapes_gan.py and configs/shapes_unclip.py, random weights: speed does not
@@ -80,7 +81,10 @@ def part_adherence(args):
     for k in args.rerank:
         best = f", best of {k} by CLIP" if k > 1 else ""
         if "gan" in args.generators:
-            runs.append((f"GAN (truncation 1){best}", "gan", args.gan, {"rerank": k}))
+            for tau in args.prior_temperature or [None]:
+                temp = {} if tau is None else {"prior_temperature": tau}
+                label = "GAN" + ("" if tau is None else f", prior temperature {tau:g}")
+                runs.append((f"{label}{best}", "gan", args.gan, {"rerank": k, **temp}))
         if "unclip" in args.generators:
             runs += [(f"unCLIP, {s} decoder steps{best}", "unclip", args.unclip,
                       {"steps": s, "rerank": k}) for s in args.unclip_steps]
@@ -151,6 +155,9 @@ def main(argv=None):
                         default=["gan", "unclip"], help="adherence: which generators")
     parser.add_argument("--unclip-steps", nargs="+", type=int, default=[25, 50],
                         help="adherence: unCLIP decoder steps to score")
+    parser.add_argument("--prior-temperature", nargs="+", type=float, metavar="T",
+                        help="adherence: GAN rows at these prior temperatures (default: the "
+                        "Pipeline's)")
     parser.add_argument("--rerank", nargs="+", type=int, default=[1], metavar="K",
                         help="adherence: also score the best of K candidates by CLIP "
                         "(Pipeline.generate's rerank)")

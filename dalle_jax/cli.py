@@ -71,6 +71,9 @@ def sample_main(argv=None) -> int:
                         "decoder, DALL-E 2's path)")
     parser.add_argument("--truncation", type=float, help="GAN: 1 = full diversity (default); "
                         "smaller pulls toward each prompt's mean")
+    parser.add_argument("--prior-temperature", type=float, help="GAN: the prior's starting "
+                        "noise scale (default 0.5; 1 = full diversity, lower stays nearer each "
+                        "prompt's typical picture)")
     parser.add_argument("--steps", type=int, help="unCLIP: decoder DDIM steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, help="unCLIP: decoder classifier-free "
                         "guidance (default 3; 1 = none)")
@@ -110,7 +113,9 @@ def sample_main(argv=None) -> int:
         return _fail(f"--scale must be between 1 and 32, not {args.scale}")
     if not 0.0 <= args.amount <= 1.0:
         return _fail(f"--amount must be between 0 and 1, not {args.amount}")
-    options = {k: v for k, v in (("truncation", args.truncation), ("steps", args.steps),
+    options = {k: v for k, v in (("truncation", args.truncation),
+                                 ("prior_temperature", args.prior_temperature),
+                                 ("steps", args.steps),
                                  ("guidance_scale", args.guidance_scale), ("eta", args.eta),
                                  ("prior_steps", args.prior_steps),
                                  ("prior_guidance_scale", args.prior_guidance_scale))

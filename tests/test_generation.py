@@ -207,6 +207,16 @@ def test_flow_prior_sampling_is_per_key_and_unit_norm():
     np.testing.assert_allclose(flow_prior.sample(model, params, x[:2], feats[:2], mask[:2],
                                                  keys[:2]), out[:2], atol=1e-6)
     assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+    # Temperature scales the starting noise: 1 is the default, 0 the flow from the origin (the
+    # same vector for every key), and in between the samples spread less (around a data mean,
+    # as real embedding statistics have, so that the final normalisation keeps the spread).
+    warm = {**params, "embed_mean": jnp.ones(8), "embed_std": jnp.full(8, 0.3)}
+    sample = lambda t, p=warm: flow_prior.sample(model, p, x, feats, mask, keys, temperature=t)
+    np.testing.assert_array_equal(sample(1.0, params), out)
+    cold = sample(0.0)
+    np.testing.assert_allclose(cold, jnp.broadcast_to(cold[0], cold.shape), atol=1e-6)
+    spread = lambda v: float(jnp.linalg.norm(v - v.mean(0), axis=-1).mean())
+    assert 0.0 < spread(sample(0.5)) < 0.8 * spread(sample(1.0))
 
 
 def test_flow_matching_learns_a_conditional_distribution():
@@ -283,6 +293,7 @@ def test_sample_cli_end_to_end(tmp_path, model_file):
     (["--edit", "x.png"], "--from"),
     (["a red circle", "--num", "0"], "--num"),
     (["a red circle", "--rerank", "0"], "--rerank"),
+    (["a red circle", "--prior-temperature", "3"], "prior_temperature"),
     (["--variations", "x.png", "--rerank", "2"], "--rerank"),
     (["a red circle", "--out", "/proc/forbidden/x.png"], "cannot write"),
 ])
