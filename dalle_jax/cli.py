@@ -69,19 +69,7 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--generator", default="gan", choices=("gan", "unclip"),
                         help="gan (one pass per picture) or unclip (diffusion prior and "
                         "decoder, DALL-E 2's path)")
-    parser.add_argument("--truncation", type=float, help="GAN: 1 = full diversity (default); "
-                        "smaller pulls toward each prompt's mean")
-    parser.add_argument("--prior-temperature", type=float, help="GAN: the prior's starting "
-                        "noise scale (default 0.5; 1 = full diversity, lower stays nearer each "
-                        "prompt's typical picture)")
-    parser.add_argument("--steps", type=int, help="unCLIP: decoder DDIM steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, help="unCLIP: decoder classifier-free "
-                        "guidance (default 3; 1 = none)")
-    parser.add_argument("--eta", type=float, help="unCLIP: DDIM eta, 0 deterministic, 1 "
-                        "ancestral (default 1)")
-    parser.add_argument("--prior-steps", type=int, help="unCLIP: prior DDIM steps (default 25)")
-    parser.add_argument("--prior-guidance-scale", type=float,
-                        help="unCLIP: prior classifier-free guidance (default 1)")
+    add_sampling_options(parser)
     parser.add_argument("--rerank", type=int, default=1, metavar="K",
                         help="draw K candidates per picture and keep the one the model's CLIP "
                         "finds closest to the prompt (K times the work; default 1)")
@@ -113,20 +101,8 @@ def sample_main(argv=None) -> int:
         return _fail(f"--scale must be between 1 and 32, not {args.scale}")
     if not 0.0 <= args.amount <= 1.0:
         return _fail(f"--amount must be between 0 and 1, not {args.amount}")
-    options = {k: v for k, v in (("truncation", args.truncation),
-                                 ("prior_temperature", args.prior_temperature),
-                                 ("steps", args.steps),
-                                 ("guidance_scale", args.guidance_scale), ("eta", args.eta),
-                                 ("prior_steps", args.prior_steps),
-                                 ("prior_guidance_scale", args.prior_guidance_scale))
-               if v is not None}
-    from dalle_jax.pipeline import OPTIONS
-    for key in options:
-        if key not in OPTIONS[args.generator]:
-            return _fail(f"--{key.replace('_', '-')} is not an option of the {args.generator} "
-                         "generator")
     try:
-        _check_options(args.generator, options)
+        options = sampling_options(args, args.generator)
     except ValueError as e:
         return _fail(str(e))
     prompts = [_clean_prompt(p) for p in args.prompt]
@@ -180,10 +156,38 @@ def sample_main(argv=None) -> int:
     return 0
 
 
-def _check_options(generator: str, options: dict):
-    """The generator's own range checks, before the model is loaded."""
+# Each generator's sampling options as command-line flags (Pipeline's OPTIONS), shared by
+# sample.py and the evaluation command: (option, type, help).
+SAMPLING_FLAGS = (
+    ("truncation", float, "GAN: 1 = full diversity (default); smaller pulls toward each "
+     "prompt's mean style"),
+    ("prior_temperature", float, "GAN: the prior's starting noise scale (default 0.5; 1 = full "
+     "diversity, lower stays nearer each prompt's typical picture)"),
+    ("steps", int, "unCLIP: decoder DDIM steps (default 50)"),
+    ("guidance_scale", float, "unCLIP: decoder classifier-free guidance (default 3; 1 = none)"),
+    ("eta", float, "unCLIP: DDIM eta, 0 deterministic, 1 ancestral (default 1)"),
+    ("prior_steps", int, "unCLIP: prior DDIM steps (default 25)"),
+    ("prior_guidance_scale", float, "unCLIP: prior classifier-free guidance (default 1)"),
+)
+
+
+def add_sampling_options(parser: argparse.ArgumentParser):
+    for name, kind, text in SAMPLING_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+
+
+def sampling_options(args: argparse.Namespace, generator: str) -> dict:
+    """The sampling options given on the command line, checked against `generator` before any
+    model is loaded; ValueError with a one-line message otherwise."""
     from dalle_jax.pipeline import GENERATORS, OPTIONS
+    options = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS
+               if getattr(args, name, None) is not None}
+    for key in options:
+        if key not in OPTIONS[generator]:
+            raise ValueError(f"--{key.replace('_', '-')} is not an option of the {generator} "
+                             "generator")
     GENERATORS[generator].check({**OPTIONS[generator], **options})
+    return options
 
 
 def _print_path(path: str):

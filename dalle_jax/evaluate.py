@@ -2,7 +2,7 @@
 
     python -m dalle_jax.evaluate [--checkpoint workdir/model.npz] [--num 600] [--out report.json]
         [--generator gan|unclip] [--fid-weights inception_fid.npz [--data DIR]]
-        [--captions SHARDS_OR_FOLDER]
+        [--captions SHARDS_OR_FOLDER] [sampling options, as sample.py's: --steps 25 ...]
 
 With --captions the model is judged on image-text data instead (the emoji corpus's eval/, say):
 one picture per caption, CLIP score, and FID/KID against those captions' own pictures; the
@@ -24,7 +24,8 @@ Reports (JSON, and a short table on stdout):
   variations   variations of ground-truth pictures that keep the source's colour and shape;
   edits        edits from the true caption to the caption with another colour word: the new
                colour is drawn and the shape and position are kept, at several amounts;
-plus a grid PNG beside the report. Without --checkpoint the shipped model is judged.
+plus a grid PNG beside the report. Without --checkpoint the shipped model is judged. Every
+picture is drawn with the generator's sampling options (its defaults, or the flags given).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_jax import images as images_lib
+from dalle_jax.cli import add_sampling_options
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.data.files import DataError
 from dalle_jax.metrics import adherence, clip_score
@@ -58,9 +60,9 @@ def _read(image):
     return found["background"], obj
 
 
-def adherence_report(pipe, captions, seed=0, truncation=1.0, use_prior=True, progress=None):
-    pictures = pipe.generate(captions, 1, seed, truncation, use_prior=use_prior,
-                             progress=progress)
+def adherence_report(pipe, captions, seed=0, options=None, use_prior=True, progress=None):
+    pictures = pipe.generate(captions, 1, seed, use_prior=use_prior, progress=progress,
+                             **(options or {}))
     results = adherence.score_batch(pictures, captions)
     report = adherence.summary(results, captions)
     # Which stated attributes fail, over one-object captions: where to look first.
@@ -73,12 +75,14 @@ def _diversity_prompts(captions):
             and (p.objects[0].position is None or p.background is None)][:DIVERSITY_PROMPTS]
 
 
-def diversity_report(pipe, captions, samples=DIVERSITY_SAMPLES, seed=0, progress=None):
+def diversity_report(pipe, captions, samples=DIVERSITY_SAMPLES, seed=0, options=None,
+                     progress=None):
     open_position, open_background, distances = [], [], []
     prompts = _diversity_prompts(captions)
     if not prompts:
         return {}
-    pictures = pipe.generate(prompts, samples, seed, progress=progress).reshape(
+    pictures = pipe.generate(prompts, samples, seed, progress=progress,
+                             **(options or {})).reshape(
         len(prompts), samples, *(pipe.image_size,) * 2, 3)
     for caption, group in zip(prompts, pictures):
         parsed = shapes.parse_caption(caption)
@@ -104,9 +108,9 @@ def _one_object(images, captions, limit):
 
 
 def variation_report(pipe, images, captions, num=VARIATIONS, seed=0, limit=SOURCES,
-                     progress=None):
+                     options=None, progress=None):
     images, captions = _one_object(images, captions, limit)
-    out = pipe.variations(images, num, seed)
+    out = pipe.variations(images, num, seed, **(options or {}))
     if progress is not None:
         progress.update(len(out))
     kept = []
@@ -120,14 +124,15 @@ def variation_report(pipe, images, captions, num=VARIATIONS, seed=0, limit=SOURC
 
 
 def edit_report(pipe, images, captions, amounts=EDIT_AMOUNTS, seed=0, limit=SOURCES,
-                progress=None):
+                options=None, progress=None):
     images, captions = _one_object(images, captions, limit)
     rng = np.random.default_rng(seed)
     targets = [rng.choice(shapes.caption_variants(c, "colour")[1:]) for c in captions]
     out = {}
     for amount in amounts:
         ok = []
-        edits = pipe.edit(images, captions, targets, amount, seed)  # one batched call
+        edits = pipe.edit(images, captions, targets, amount, seed,
+                          **(options or {}))  # one batched call
         if progress is not None:
             progress.update(len(edits))
         for image, caption, target, edited in zip(images, captions, targets, edits):
@@ -204,34 +209,35 @@ def _pictures_to_draw(captions, num: int) -> int:
             + sources * (VARIATIONS + len(EDIT_AMOUNTS)))
 
 
-def run(pipe, num: int = 600, seed: int = 0, truncation: float | None = None,
+def run(pipe, num: int = 600, seed: int = 0, options: dict | None = None,
         fid_net=None, data: str | None = None, scorer: clip_score.CLIPScore | None = None,
         progress: bool = True, fid_cache: str | None = None) -> tuple[dict, np.ndarray]:
-    """The report and its grid. `truncation` None is the generator's default (the GAN's 1.0;
-    unCLIP takes none). With `fid_net` (a metrics.fid.FID), FID/KID against the pictures
-    under `data`, or the eval split's own pictures when `data` is None (their features cached
-    in the folder `fid_cache`, when given)."""
+    """The report and its grid. `options` are the generator's sampling options (`Pipeline`'s
+    OPTIONS; the rest keep their defaults), used for every picture drawn. With `fid_net` (a
+    metrics.fid.FID), FID/KID against the pictures under `data`, or the eval split's own
+    pictures when `data` is None (their features cached in the folder `fid_cache`, when
+    given)."""
     images, captions = shapes.examples(range(num), split="eval", seed=0, size=pipe.image_size)
     t = time.perf_counter()
-    options = pipe.options({} if truncation is None else {"truncation": truncation})
+    options = dict(options or {})
     report = {"model": pipe.path, "generator": pipe.generator_name, "eval_captions": num,
-              "seed": seed, "truncation": options.get("truncation"), "options": options}
+              "seed": seed, "options": pipe.options(options)}
     bar = tqdm(total=_pictures_to_draw(captions, num), unit="img", desc="sampling",
                disable=not progress, file=sys.stderr)
+    kw = dict(seed=seed, options=options, progress=bar)
     with bar:
-        report["adherence"], pictures = adherence_report(pipe, captions, seed, truncation,
-                                                         progress=bar)
-        report["adherence_without_prior"], _ = adherence_report(
-            pipe, captions, seed, truncation, use_prior=False, progress=bar)
-        report["diversity"] = diversity_report(pipe, captions, seed=seed, progress=bar)
-        report["variations"] = variation_report(pipe, images, captions, seed=seed, progress=bar)
-        report["edits"] = edit_report(pipe, images, captions, seed=seed, progress=bar)
+        report["adherence"], pictures = adherence_report(pipe, captions, **kw)
+        report["adherence_without_prior"], _ = adherence_report(pipe, captions, use_prior=False,
+                                                                **kw)
+        report["diversity"] = diversity_report(pipe, captions, **kw)
+        report["variations"] = variation_report(pipe, images, captions, **kw)
+        report["edits"] = edit_report(pipe, images, captions, **kw)
     return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data,
                    "shapes eval split", t, fid_cache, progress)
 
 
 def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
-                  truncation: float | None = None, fid_net=None, data: str | None = None,
+                  options: dict | None = None, fid_net=None, data: str | None = None,
                   scorer: clip_score.CLIPScore | None = None, progress: bool = True,
                   fid_cache: str | None = None) -> tuple[dict, np.ndarray]:
     """The report and grid on image-text data instead of shapes: one picture for each caption
@@ -243,13 +249,12 @@ def run_captioned(pipe, path: str, num: int = 600, seed: int = 0,
     except DataError as e:
         raise EvaluateError(f"--captions {path}: {e}") from e
     t = time.perf_counter()
-    options = pipe.options({} if truncation is None else {"truncation": truncation})
+    options = dict(options or {})
     report = {"model": pipe.path, "generator": pipe.generator_name, "captions_from": path,
-              "eval_captions": len(captions), "seed": seed,
-              "truncation": options.get("truncation"), "options": options}
+              "eval_captions": len(captions), "seed": seed, "options": pipe.options(options)}
     with tqdm(total=len(captions), unit="img", desc="sampling", disable=not progress,
               file=sys.stderr) as bar:
-        pictures = pipe.generate(captions, 1, seed, truncation, progress=bar)
+        pictures = pipe.generate(captions, 1, seed, progress=bar, **options)
     return _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, path, t,
                    fid_cache, progress)
 
@@ -308,10 +313,9 @@ def main(argv=None) -> int:
                         "model.npz); default: the shipped model")
     parser.add_argument("--num", type=int, default=600, help="eval captions")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--truncation", type=float,
-                        help="GAN: 1 = full diversity (default); smaller pulls toward the mean")
     parser.add_argument("--generator", default="gan", choices=("gan", "unclip"),
                         help="the model's generator (gan or unclip)")
+    add_sampling_options(parser)
     parser.add_argument("--fid-weights", metavar="NPZ", help="the FID Inception weights "
                         "(`python -m dalle_jax.metrics.fid convert inception_fid.npz`); "
                         "without them FID and KID are skipped")
@@ -331,14 +335,14 @@ def main(argv=None) -> int:
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
     from dalle_jax import bundle
-    from dalle_jax.cli import one_line, output_problem
+    from dalle_jax.cli import one_line, output_problem, sampling_options
     from dalle_jax.pipeline import Pipeline
     if not 1 <= args.num <= 100_000:
         return _error(f"--num must be between 1 and 100000, not {args.num}")
-    if args.truncation is not None and not 0.0 <= args.truncation <= 2.0:
-        return _error(f"--truncation must be between 0 and 2, not {args.truncation}")
-    if args.truncation is not None and args.generator != "gan":
-        return _error(f"--truncation is not an option of the {args.generator} generator")
+    try:
+        options = sampling_options(args, args.generator)
+    except ValueError as e:
+        return _error(one_line(str(e)))
     if args.data and not args.fid_weights:
         return _error("--data sets the real pictures of FID/KID: give --fid-weights too")
     if args.fid_weights and args.num < 2:
@@ -367,9 +371,9 @@ def main(argv=None) -> int:
     try:
         if args.captions:
             report, grid = run_captioned(pipe, args.captions, args.num, args.seed,
-                                         args.truncation, fid_net, args.data, fid_cache=cache)
+                                         options, fid_net, args.data, fid_cache=cache)
         else:
-            report, grid = run(pipe, args.num, args.seed, args.truncation, fid_net, args.data,
+            report, grid = run(pipe, args.num, args.seed, options, fid_net, args.data,
                                fid_cache=cache)
     except (EvaluateError, fid_lib.FIDError, images_lib.ImageError) as e:
         return _error(one_line(str(e)))

@@ -325,7 +325,8 @@ def test_evaluate_bad_checkpoints_and_outputs(tmp_path, capsys, model_file):
                           (["--checkpoint", clip_run], "clip training run"),
                           (["--checkpoint", str(tmp_path / "text.npz")], "cannot read"),
                           (["--num", "0"], "--num must be between"),
-                          (["--truncation", "-1"], "--truncation"),
+                          (["--truncation", "-1"], "truncation must be between"),
+                          (["--steps", "5"], "--steps is not an option of the gan"),
                           (["--out", str(tmp_path / "nowhere" / "r.json")], "no directory"),
                           (["--out", str(tmp_path)], "it is a directory")]:
         if "--out" not in args:

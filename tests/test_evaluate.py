@@ -148,6 +148,24 @@ def test_command_refuses_bad_inputs_in_one_line(tmp_path, capsys):
 NUM = 6
 
 
+def test_every_picture_is_drawn_with_the_options_given(pipe, monkeypatch):
+    """The sampling options reach every report's pictures (adherence, diversity, variations,
+    edits), and the report records them with the defaults filled in."""
+    seen = []
+    for name in ("generate", "variations", "edit"):
+        real = getattr(pipe, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("truncation"), kwargs.get("prior_temperature")))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(pipe, name, spy)
+    report, _ = evaluate.run(pipe, NUM, seed=1, options={"truncation": 0.7},
+                             progress=False)
+    assert {name for name, _, _ in seen} == {"generate", "variations", "edit"}
+    assert all(t == 0.7 and p is None for _, t, p in seen), seen
+    assert report["options"] == {"truncation": 0.7, "prior_temperature": 0.5}
+
+
 @pytest.mark.slow
 def test_report_keys_and_fid_of_a_set_against_itself(pipe, fid_weights, tmp_path):
     """The command's function, through the --data folder path: the real pictures are the very
@@ -169,7 +187,7 @@ def test_report_keys_and_fid_of_a_set_against_itself(pipe, fid_weights, tmp_path
     assert np.isfinite(report["kid_mean"]) and report["kid_std"] >= 0.0
     want = clip_score.CLIPScore.from_pipeline(pipe).score(drawn, captions)["clip_score"]
     assert report["clip_score"] == pytest.approx(want, rel=1e-5)
-    assert report["truncation"] == 1.0 and report["generator"] == "gan"
+    assert report["options"]["truncation"] == 1.0 and report["generator"] == "gan"
     assert {"adherence", "adherence_without_prior", "diversity", "variations",
             "edits"} <= set(report)
     assert grid.dtype == np.uint8
