@@ -24,7 +24,8 @@ def get_config():
     c.clip.import_from = "shipped:gan"
 
     # Width 128: the Transformer reads 20 tokens per embedding, ~4x the cost of the flow prior's
-    # MLP at width 256 (benchmarks/bench_unclip.py); 1,500 steps of 256 took 25 minutes here.
+    # MLP at width 256 (benchmarks/bench_unclip.py); 1,500 steps of 256 take 15 minutes on an
+    # idle 2-core Xeon (438 images/s; 25 minutes beside other work).
     c.prior = gan._common("diffusion_prior", total_steps=1500, global_batch=256, lr=1e-3,
                           ema_decay=0.99)
     c.prior.model = dict(width=128, depth=4, num_heads=4, schedule="cosine", num_timesteps=1000,
@@ -32,7 +33,7 @@ def get_config():
     c.prior.eval_every = 500
     c.prior.eval = dict(num_examples=500, use_ema=True, sample_steps=25, guidance_scale=1.0)
 
-    # 40-44 images/s on an idle 2-core Xeon: 3,000 steps of 64 take 75-95 minutes. v-prediction
+    # 42.8 images/s on an idle 2-core Xeon: 3,000 steps of 64 take 75-80 minutes. v-prediction
     # with min-SNR-5 weighting (Salimans & Ho 2022; Hang et al. 2023), not eps: the eps decoder
     # drew black and white backgrounds grey (benchmarks/RESULTS.md, sessions 8 and 9). 3,000
     # steps, not 1,500: decoder-alone adherence rose from 56 / 61% at step 1,500 of this
