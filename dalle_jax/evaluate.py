@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_jax import images as images_lib
-from dalle_jax.cli import add_sampling_options
+from dalle_jax.cli import add_sampling_options, one_line, output_problem, sampling_options
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.data.files import DataError
 from dalle_jax.metrics import adherence, clip_score
@@ -335,7 +335,6 @@ def main(argv=None) -> int:
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
     from dalle_jax import bundle
-    from dalle_jax.cli import one_line, output_problem, sampling_options
     from dalle_jax.pipeline import Pipeline
     if not 1 <= args.num <= 100_000:
         return _error(f"--num must be between 1 and 100000, not {args.num}")
