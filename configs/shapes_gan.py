@@ -48,7 +48,7 @@ def get_config():
                            input_from_w=True,
                            channels=(64, 64, 32, 16), d_channels=(16, 32, 64, 128),
                            noise=True, cross_attention_res=(), condition="image",
-                           upsample="nearest", input_res=4)
+                           upsample="nearest", input_res=4, synthesis="style")
     # R1 is off here: its double backward through the discriminator costs ~40 ordinary steps on
     # this CPU, and the L1 term already keeps the game from drifting. r1_gamma > 0 turns it on.
     # At lr 5e-3 the full-strength adversarial game threw the L1 back up (0.11 -> 0.27 within

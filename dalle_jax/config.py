@@ -115,7 +115,9 @@ SCHEMAS: dict[str, dict] = {
                       "noise": Field(bool), "cross_attention_res": Field(list, item=int),
                       "condition": Field(str, choices=("image", "text")),
                       "upsample": _opt(str, choices=("nearest", "bilinear")),
-                      "input_res": _opt(int, minimum=1)},
+                      "input_res": _opt(int, minimum=1),
+                      "synthesis": _opt(str, choices=("style", "conv")),
+                      "norm_groups": _opt(int, minimum=1)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
                      "r1_gamma": Field(float, minimum=0), "r1_interval": Field(int, minimum=1),
@@ -147,7 +149,7 @@ SHAPE_FIELDS = ("family", "model", "data.image_size", "data.context_length")
 # Model fields added after runs were saved without them, with the value such a run trained
 # with: a checkpoint that lacks one resumes under a config that states that value.
 LATER_FIELD_DEFAULTS = {"model.upsample": "nearest", "model.input_res": 4,
-                        "model.min_snr_gamma": 0.0}
+                        "model.min_snr_gamma": 0.0, "model.synthesis": "style"}
 
 
 def _module(path: str):

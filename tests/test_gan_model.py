@@ -30,6 +30,38 @@ def test_generator_and_discriminator_shapes(resolution, upsample, input_res):
     assert d.apply({"params": dp}, images, cond).shape == (4,)
 
 
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_conv_synthesis_shapes_and_conditioning(resolution):
+    """The BigGAN-style decoder: the picture depends on the condition and on z (its only
+    noise), and every level's normalisation is scaled and shifted by w."""
+    config = gan.GANConfig(resolution=resolution, synthesis="conv", cross_attention_res=(8,),
+                           **SMALL)
+    k = jax.random.PRNGKey(0)
+    z, cond = jax.random.normal(k, (4, 16)), jax.random.normal(jax.random.PRNGKey(1), (4, 16))
+    tokens, mask = jax.random.normal(k, (4, 6, 16)), jnp.ones((4, 6), bool)
+    g = gan.Generator(config)
+    gp = g.init(k, z, cond, k, tokens, mask)["params"]
+    images = g.apply({"params": gp}, z, cond, k, tokens, mask)
+    assert images.shape == (4, resolution, resolution, 3)
+    assert np.isfinite(np.asarray(images)).all()
+    synthesis = gp["synthesis"]
+    levels = int(np.log2(resolution // 4)) + 1
+    assert {f"b{4 * 2 ** i}_conv{j}" for i in range(levels) for j in range(2)} <= set(synthesis)
+    assert "b8_xattn" in synthesis and "const" not in synthesis
+    assert set(synthesis["b4_conv0"]) == {"conv", "scale", "shift"}
+    other_cond = g.apply({"params": gp}, z, cond[::-1], k, tokens, mask)
+    other_z = g.apply({"params": gp}, z[::-1], cond, k, tokens, mask)
+    other_key = g.apply({"params": gp}, z, cond, jax.random.PRNGKey(7), tokens, mask)
+    assert np.abs(np.asarray(images - other_cond)).max() > 1e-3
+    assert np.abs(np.asarray(images - other_z)).max() > 1e-3
+    np.testing.assert_array_equal(images, other_key)  # no per-pixel noise
+    # The discriminator is the same whichever synthesis draws the pictures.
+    d = gan.Discriminator(config)
+    assert d.apply(d.init(k, images, cond), images, cond).shape == (4,)
+    with pytest.raises(ValueError, match="synthesis"):
+        gan.GANConfig(resolution=32, synthesis="unet", **SMALL)
+
+
 def test_smooth_upsampling_is_bilinear_and_keeps_flat_maps_flat():
     x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
     np.testing.assert_allclose(gan.upsample2x_smooth(x),

@@ -63,8 +63,16 @@ class GANConfig:
     # The side of the synthesis network's input map (4 as in StyleGAN; 8 gives the projection
     # of w four times the spatial detail before any convolution).
     input_res: int = 4
+    norm_groups: int = 8  # GroupNorm groups of the "conv" synthesis
+    # "style": the StyleGAN2 synthesis network above. "conv": a convolutional decoder in the
+    # BigGAN manner (Brock et al. 2019): w projected to the input map, then per level a 2x
+    # upsampling and two 3x3 convolutions, each followed by a GroupNorm whose scale and shift
+    # come from w (conditional normalisation) and a GELU; one 3x3 convolution to RGB at the end.
+    synthesis: str = "style"
 
     def __post_init__(self):
+        if self.synthesis not in ("style", "conv"):
+            raise ValueError(f"synthesis must be style or conv, got {self.synthesis!r}")
         if self.upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be nearest or bilinear, got {self.upsample!r}")
         ratio = self.resolution // self.input_res if self.input_res >= 1 else 0
@@ -84,7 +92,9 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
         token_dim=token_dim, upsample=model.get("upsample", GANConfig.upsample),
-        input_res=model.get("input_res", GANConfig.input_res))
+        input_res=model.get("input_res", GANConfig.input_res),
+        norm_groups=model.get("norm_groups", GANConfig.norm_groups),
+        synthesis=model.get("synthesis", GANConfig.synthesis))
 
 
 def _conv(x, w):
@@ -330,6 +340,55 @@ class SynthesisNetwork(nn.Module):
         return rgb.astype(jnp.float32)
 
 
+class ConditionalNormConv(nn.Module):
+    """3x3 convolution, GroupNorm scaled and shifted by w, GELU."""
+
+    features: int
+    groups: int = 8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, w):
+        x = EqualizedConv(self.features, dtype=self.dtype, name="conv")(x)
+        x = nn.GroupNorm(min(self.groups, self.features), use_scale=False, use_bias=False,
+                         dtype=self.dtype, name="norm")(x)
+        scale = EqualizedDense(self.features, bias_init=1.0, name="scale")(w)
+        shift = EqualizedDense(self.features, name="shift")(w)
+        return nn.gelu(x * scale[:, None, None, :].astype(self.dtype)
+                       + shift[:, None, None, :].astype(self.dtype))
+
+
+class ConvSynthesisNetwork(nn.Module):
+    """w [B, W] -> image [B, R, R, 3]: the `synthesis="conv"` decoder (see GANConfig)."""
+
+    config: GANConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, w, rng, tokens=None, token_mask=None):
+        del rng  # no per-pixel noise: z in w is the only source of variety
+        c = self.config
+        r0 = c.input_res
+        levels = int(np.log2(c.resolution // r0)) + 1
+        if len(c.channels) < levels:
+            raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
+                             f"got {c.channels}")
+        b = w.shape[0]
+        x = EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w)
+        x = x.reshape(b, r0, r0, c.channels[0]).astype(self.dtype)
+        up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
+        for i in range(levels):
+            res, ch = r0 * 2 ** i, c.channels[i]
+            if i > 0:
+                x = up(x)
+            for j in range(2):
+                x = ConditionalNormConv(ch, c.norm_groups, self.dtype,
+                                        name=f"b{res}_conv{j}")(x, w)
+            if res in c.cross_attention_res and tokens is not None:
+                x = CrossAttention(dtype=self.dtype, name=f"b{res}_xattn")(x, tokens, token_mask)
+        return EqualizedConv(3, dtype=self.dtype, name="to_rgb")(x).astype(jnp.float32)
+
+
 class Generator(nn.Module):
     """(z, condition[, token features]) -> images. `truncation` pulls w toward `w_mean`."""
 
@@ -338,7 +397,8 @@ class Generator(nn.Module):
 
     def setup(self):
         self.mapping = MappingNetwork(self.config, self.dtype)
-        self.synthesis = SynthesisNetwork(self.config, self.dtype)
+        synthesis = ConvSynthesisNetwork if self.config.synthesis == "conv" else SynthesisNetwork
+        self.synthesis = synthesis(self.config, self.dtype)
 
     def __call__(self, z, cond, rng, tokens=None, token_mask=None, truncation=1.0, w_mean=None):
         w = self.mapping(z, cond)
