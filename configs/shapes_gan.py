@@ -22,7 +22,8 @@ def _common(family, total_steps, global_batch, lr, ema_decay):
         log_every=20, checkpoint_every=250, keep_checkpoints=2, progress_bar=True,
         nan_guard=dict(max_consecutive=20, action="rollback", lr_factor=0.5, max_rollbacks=3),
         optim=dict(lr=lr, warmup_steps=100, final_lr_fraction=0.1, weight_decay=0.0, b1=0.9,
-                   b2=0.99, eps=1e-8, clip_norm=10.0, ema_decay=ema_decay))
+                   b2=0.99, eps=1e-8, clip_norm=10.0, ema_decay=ema_decay,
+                   clip_separately=False))
 
 
 def get_config():

@@ -61,7 +61,7 @@ _OPTIM = {"lr": Field(float, minimum=0), "warmup_steps": Field(int, minimum=0),
           "final_lr_fraction": Field(float, minimum=0), "weight_decay": Field(float, minimum=0),
           "b1": Field(float, minimum=0), "b2": Field(float, minimum=0),
           "eps": Field(float, minimum=0), "clip_norm": Field(float, minimum=0),
-          "ema_decay": Field(float, minimum=0)}
+          "ema_decay": Field(float, minimum=0), "clip_separately": _opt(bool)}
 
 # data/pipeline.py: shapes, or image-caption folders and tar shards (name, path and the rest).
 _DATA = {"name": Field(str), "split": Field(str), "seed": Field(int),

@@ -3,12 +3,13 @@
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from dalle_jax import sharding
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import gan as gan_family
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 
 
 def gan_config(r1_gamma=1.0, **mesh):
@@ -83,9 +84,40 @@ def test_sharded_gan_step_matches_one_device(tmp_path, mesh):
         assert max(jax.tree.leaves(moved)) > 0, player
     assert h1[0]["r1"] == 0  # off
     assert h1[0]["perceptual"] > 0
+    # Each player's gradient norm is logged; together they make the step's global norm.
+    for h in h1:
+        np.testing.assert_allclose(np.hypot(h["g_grad_norm"], h["d_grad_norm"]), h["grad_norm"],
+                                   rtol=1e-4)
     np.testing.assert_allclose(h8[-1]["g_loss"], h1[-1]["g_loss"], rtol=1e-4)
     np.testing.assert_allclose(h8[-1]["d_loss"], h1[-1]["d_loss"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), eight, one)
+
+
+def test_clipping_each_player_separately():
+    """`optim.clip_separately`: the generator's large gradient is clipped to clip_norm on its
+    own and leaves the discriminator's small one whole; the joint clip shrinks both."""
+    grads = {"generator": {"w": np.array([30.0, 40.0])}, "discriminator": {"w": np.array([0.3, 0.4])}}
+    config = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=0, final_lr_fraction=1.0,
+                                            weight_decay=0.0, b1=0.0, b2=0.99, eps=1.0,
+                                            clip_norm=1.0, ema_decay=0.0))
+    each = optim.clip_each_by_global_norm(1.0)
+    clipped, _ = each.update(grads, each.init(grads))
+    np.testing.assert_allclose(clipped["generator"]["w"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(clipped["discriminator"]["w"], [0.3, 0.4], rtol=1e-6)
+    joint = optax.clip_by_global_norm(1.0)
+    shrunk, _ = joint.update(grads, joint.init(grads))
+    assert np.linalg.norm(shrunk["discriminator"]["w"]) < 0.02
+    # Through make_optimizer: with Adam's eps at 1 its first step is -lr g / (|g| + 1), so the
+    # discriminator's step shows which clip ran.
+    steps = {}
+    for separately in (False, True):
+        config.clip_separately = separately
+        tx, _ = optim.make_optimizer(config, total_steps=10)
+        updates, _ = tx.update(grads, tx.init(grads), grads)
+        steps[separately] = -np.asarray(updates["discriminator"]["w"])
+    d = np.array([0.3, 0.4])
+    np.testing.assert_allclose(steps[True], d / (d + 1.0), rtol=1e-3)
+    assert steps[False].max() < 0.02
 
 
 def test_perceptual_distance_reads_every_layer_of_a_conv_tower():

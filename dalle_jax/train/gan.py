@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dalle_jax import images as images_lib
 from dalle_jax.data import pipeline
@@ -218,7 +219,8 @@ class GANTask:
             r1_value = jnp.zeros(())
         grads = {"generator": g_grads, "discriminator": d_grads}
         metrics = {**g_metrics, **d_metrics, "loss": g_loss + d_loss, "g_loss": g_loss,
-                   "d_loss": d_loss, "r1": r1_value}
+                   "d_loss": d_loss, "r1": r1_value, "g_grad_norm": optax.tree.norm(g_grads),
+                   "d_grad_norm": optax.tree.norm(d_grads)}
         return grads, metrics
 
     def render(self, generator_params, clip_params, images, tokens, keys):

@@ -22,11 +22,26 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.final_lr_fraction)
 
 
+def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` applied to each top-level entry of the gradient dict on its
+    own (the GAN's generator and discriminator), so that one player's large gradient does not
+    shrink the other's step."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        del params
+        return {k: clip.update(v, optax.EmptyState())[0] for k, v in updates.items()}, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config, total_steps: int):
-    """Returns (optax transformation, learning-rate schedule) from an `optim` config block."""
+    """Returns (optax transformation, learning-rate schedule) from an `optim` config block;
+    `clip_separately` clips each top-level parameter group (the GAN's two players) on its own
+    instead of all together."""
     schedule = learning_rate_schedule(config, total_steps)
+    separately = config.get("clip_separately", False)
     tx = optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
+        (clip_each_by_global_norm if separately else optax.clip_by_global_norm)(config.clip_norm),
         optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=decay_mask),
     )
