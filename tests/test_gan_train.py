@@ -96,7 +96,8 @@ def test_sharded_gan_step_matches_one_device(tmp_path, mesh):
 def test_clipping_each_player_separately():
     """`optim.clip_separately`: the generator's large gradient is clipped to clip_norm on its
     own and leaves the discriminator's small one whole; the joint clip shrinks both."""
-    grads = {"generator": {"w": np.array([30.0, 40.0])}, "discriminator": {"w": np.array([0.3, 0.4])}}
+    grads = {"generator": {"w": np.array([30.0, 40.0])},
+             "discriminator": {"w": np.array([0.3, 0.4])}}
     config = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=0, final_lr_fraction=1.0,
                                             weight_decay=0.0, b1=0.0, b2=0.99, eps=1.0,
                                             clip_norm=1.0, ema_decay=0.0))
