@@ -80,6 +80,15 @@ class GANConfig:
             raise ValueError(f"input_res {self.input_res} must divide {self.resolution} by a "
                              "power of 2")
 
+    def synthesis_levels(self) -> int:
+        """How many resolutions either synthesis network runs at (input_res, 2 input_res, ...,
+        resolution); `channels` must name one width for each."""
+        levels = int(np.log2(self.resolution // self.input_res)) + 1
+        if len(self.channels) < levels:
+            raise ValueError(f"{levels} channel counts needed for {self.resolution} px, "
+                             f"got {self.channels}")
+        return levels
+
 
 def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> GANConfig:
     """A GANConfig from a config's `decoder.model` block (a dict or ConfigDict; fields a model
@@ -312,10 +321,7 @@ class SynthesisNetwork(nn.Module):
     def __call__(self, w, rng, tokens=None, token_mask=None):
         c = self.config
         r0 = c.input_res
-        levels = int(np.log2(c.resolution // r0)) + 1  # r0, 2 r0, ..., resolution
-        if len(c.channels) < levels:
-            raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
-                             f"got {c.channels}")
+        levels = c.synthesis_levels()
         b = w.shape[0]
         const = self.param("const", nn.initializers.normal(1.0), (r0, r0, c.channels[0]))
         x = jnp.broadcast_to(const.astype(self.dtype), (b, r0, r0, c.channels[0]))
@@ -369,10 +375,7 @@ class ConvSynthesisNetwork(nn.Module):
         del rng  # no per-pixel noise: z in w is the only source of variety
         c = self.config
         r0 = c.input_res
-        levels = int(np.log2(c.resolution // r0)) + 1
-        if len(c.channels) < levels:
-            raise ValueError(f"{levels} channel counts needed for {c.resolution} px, "
-                             f"got {c.channels}")
+        levels = c.synthesis_levels()
         b = w.shape[0]
         x = EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w)
         x = x.reshape(b, r0, r0, c.channels[0]).astype(self.dtype)
