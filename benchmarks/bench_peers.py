@@ -80,7 +80,8 @@ PAIRS = {
     "gan": dict(
         title="GAN decoder G+D / gigagan-pytorch G+D", goal=2.0, batch=(16, 64),
         # The shipped decoder's architecture (configs/shapes_gan.py); the matching-aware
-        # discriminator term off, so that both steps run the same three D passes.
+        # discriminator term off, so that both steps run the same three D passes, and CLIP
+        # guidance off (the peer has no frozen CLIP to run).
         ours=dict(),
         peer=dict(which="gigagan", model=dict(dim_capacity=8, dim_max=512, dim_latent=64,
                                               style_dim=128, style_depth=2, d_dim_capacity=12,
@@ -236,7 +237,8 @@ def _tokens(b):
 def build_ours(name: str, knobs: dict, b: int):
     """(task, optimizer config, batch, frozen) for our side of a pair."""
     if name == "gan":
-        config = config_lib.load(bench_gan.CONFIG, ["decoder.loss.matching_weight=0.0"] + [
+        config = config_lib.load(bench_gan.CONFIG, [
+            "decoder.loss.matching_weight=0.0", "decoder.loss.clip_weight=0.0"] + [
             f"decoder.model.{k}={v!r}" for k, v in knobs.items()])
         stage = config.decoder
         task = GivenConditionsGAN(stage, None, config.clip)

@@ -119,6 +119,7 @@ SCHEMAS: dict[str, dict] = {
                       "synthesis": _opt(str, choices=("style", "conv")),
                       "norm_groups": _opt(int, minimum=1)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
+                     "clip_contrastive_weight": _opt(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
                      "r1_gamma": Field(float, minimum=0), "r1_interval": Field(int, minimum=1),
                      "reconstruction": _opt(str, choices=("l1", "l2")),

@@ -16,11 +16,12 @@ def gan_config(r1_gamma=1.0, **mesh):
     return ml_collections.ConfigDict(dict(
         family="gan", seed=0, total_steps=4,
         data=dict(name="shapes", split="train", seed=0, image_size=16, context_length=16,
-                  global_batch=16, num_threads=1, hard_negatives=0),
+                  global_batch=16, num_threads=1, hard_negatives=0, minimal_pairs=True),
         model=dict(z_dim=8, w_dim=16, mapping_layers=2, channels=(16, 16, 8),
                    d_channels=(8, 16, 16), noise=True, cross_attention_res=(8,),
                    condition="image"),
         loss=dict(augment="color,translation,cutout", clip_weight=1.0, matching_weight=1.0,
+                  clip_contrastive_weight=0.5,
                   r1_gamma=r1_gamma, r1_interval=2, reconstruction_weight=1.0,
                   reconstruction_shift=1, perceptual_weight=0.5),
         optim=dict(lr=2e-3, warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.0, b1=0.0,
@@ -60,7 +61,7 @@ def test_gan_step_updates_both_players_and_applies_lazy_r1(tmp_path):
     params, history = run_steps(gan_config(), tmp_path, steps=2)
     first = history[0]
     for key in ("g_loss", "d_loss", "d_real", "d_fake", "d_mismatch", "clip_cosine", "r1",
-                "reconstruction", "perceptual"):
+                "reconstruction", "perceptual", "clip_contrastive"):
         assert np.isfinite(first[key]), key
     assert first["r1"] > 0 and history[1]["r1"] == 0  # step 0 regularises, step 1 does not
     init = gan_family.GANTask(gan_config(), *clip_parts()).init_params(
@@ -91,6 +92,25 @@ def test_sharded_gan_step_matches_one_device(tmp_path, mesh):
     np.testing.assert_allclose(h8[-1]["g_loss"], h1[-1]["g_loss"], rtol=1e-4)
     np.testing.assert_allclose(h8[-1]["d_loss"], h1[-1]["d_loss"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), eight, one)
+
+
+def test_clip_contrastive_loss_is_the_batch_cross_entropy_and_rewards_the_own_condition():
+    rng = np.random.default_rng(0)
+    similarity = rng.uniform(-1, 1, (6, 6)).astype(np.float32)
+    scale = 28.8
+    logits = scale * similarity.astype(np.float64)
+    reference = np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))
+    np.testing.assert_allclose(gan_family.clip_contrastive_loss(similarity, scale), reference,
+                               rtol=1e-5)
+    # Pictures 0 and 1 are a minimal pair: each nearer its own condition than its twin's scores
+    # lower than each nearer the twin's (the loss a decoder drawing the wrong shape pays).
+    right = np.array([[0.98, 0.95], [0.95, 0.98]], np.float32)
+    wrong = right[:, ::-1]
+    assert (gan_family.clip_contrastive_loss(right, scale)
+            < np.log(2) < gan_family.clip_contrastive_loss(wrong, scale))
+    # Its gradient raises each picture's own cosine and lowers its twin's.
+    grad = np.asarray(jax.grad(gan_family.clip_contrastive_loss)(wrong, scale))
+    assert (np.diag(grad) < 0).all() and (grad[[0, 1], [1, 0]] > 0).all()
 
 
 def test_clipping_each_player_separately():

@@ -87,6 +87,17 @@ def diff_augment(images, rng, policy: str):
     return x
 
 
+def clip_contrastive_loss(similarity, logit_scale):
+    """GigaGAN's CLIP contrastive loss (Kang et al. 2023, sec. 3.4), here against the batch's
+    condition vectors: `similarity[i, j]` is the cosine between drawn picture i's CLIP vector and
+    condition j; each picture must match its own condition better than the others, at the frozen
+    CLIP's temperature. With `data.minimal_pairs` the batch holds each scene's counterfactual
+    (another shape: same colour, size and place), so the hardest negative is always there."""
+    logits = logit_scale * similarity
+    labels = jnp.arange(similarity.shape[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
@@ -172,12 +183,19 @@ class GANTask:
                 perceptual = self.perceptual_distance(frozen["clip"], fake, real)
                 loss = loss + lc.get("perceptual_weight") * perceptual
                 metrics["perceptual"] = perceptual
-            if lc.clip_weight:
+            contrastive_weight = lc.get("clip_contrastive_weight", 0.0)
+            if lc.clip_weight or contrastive_weight:
                 fake_embed = self.clip_model.apply({"params": frozen["clip"]}, fake,
                                                    method=self.clip_model.encode_image)[0]
-                cosine = jnp.sum(fake_embed * clip_lib.l2_normalize(cond), axis=-1).mean()
+                similarity = fake_embed @ clip_lib.l2_normalize(cond).T  # [b, b] cosines
+                cosine = jnp.diagonal(similarity).mean()
                 loss = loss + lc.clip_weight * (1.0 - cosine)
                 metrics["clip_cosine"] = cosine
+            if contrastive_weight:
+                scale = jnp.minimum(jnp.exp(frozen["clip"]["logit_scale"]), 100.0)  # as CLIP
+                contrastive = clip_contrastive_loss(similarity, scale)
+                loss = loss + contrastive_weight * contrastive
+                metrics["clip_contrastive"] = contrastive
             return loss, (fake, metrics)
 
         (g_loss, (fake, g_metrics)), g_grads = jax.value_and_grad(
