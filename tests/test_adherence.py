@@ -168,6 +168,22 @@ def test_batch_and_accuracy():
         A.score_batch(images, captions[:3])
 
 
+def test_one_object_shape_rates_name_the_shape_that_fails():
+    """Every one-object picture scored against its own caption, then the stars' captions
+    swapped for another shape: only "star" (and its sizes) drop to 0, the others stay at 1."""
+    images, captions = S.examples(range(80), "eval", 0, 32)
+    one = [(im, c) for im, c in zip(images, captions) if len(S.parse_caption(c).objects) == 1]
+    images, captions = np.stack([im for im, _ in one]), [c for _, c in one]
+    rates = A.one_object_shape_rates(A.score_batch(images, captions), captions)
+    assert set(rates) >= {"circle", "star", "square"} and all(v == 1.0 for v in rates.values())
+    wrong = [S.caption_variants(c, "shape")[1] if S.parse_caption(c).objects[0].shape == "star"
+             else c for c in captions]
+    rates = A.one_object_shape_rates(A.score_batch(images, wrong), captions)
+    assert rates["star"] == 0.0 and rates["circle"] == 1.0
+    assert all(v == (0.0 if k.startswith("star") else 1.0) for k, v in rates.items()), rates
+    assert any(k.startswith("star, ") for k in rates)  # sizes, where stated
+
+
 def test_float_images_accepted():
     image, caption = S.example(4, "eval", 0, 64)
     assert A.score(image.astype(np.float32) / 255.0, caption).ok

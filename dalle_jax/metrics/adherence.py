@@ -451,3 +451,19 @@ def one_object_check_rates(results: Sequence[AdherenceResult],
             for name, ok in result.checks.items():
                 checks.setdefault(name, []).append(ok)
     return {k: float(np.mean(v)) for k, v in sorted(checks.items())}
+
+
+def one_object_shape_rates(results: Sequence[AdherenceResult],
+                           captions: Sequence[str]) -> dict[str, float]:
+    """How often the shape check passes for each stated shape, over one-object captions, and
+    for each stated shape and size ("star, small"): which shapes a generator cannot draw."""
+    checks: dict[str, list[bool]] = {}
+    for result, caption in zip(results, captions):
+        parsed = S.parse_caption(caption)
+        if parsed is None or len(parsed.objects) != 1 or "shape" not in result.checks:
+            continue
+        obj = parsed.objects[0]
+        keys = [obj.shape] + ([f"{obj.shape}, {obj.size}"] if obj.size else [])
+        for key in keys:
+            checks.setdefault(key, []).append(result.checks["shape"])
+    return {k: float(np.mean(v)) for k, v in sorted(checks.items())}
