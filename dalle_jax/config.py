@@ -113,6 +113,7 @@ SCHEMAS: dict[str, dict] = {
                       "mapping_lr_mul": _opt(float, minimum=0), "input_from_w": _opt(bool),
                       "channels": Field(list, item=int), "d_channels": Field(list, item=int),
                       "noise": Field(bool), "cross_attention_res": Field(list, item=int),
+                      "text_drop_prob": _opt(float, minimum=0),
                       "condition": Field(str, choices=("image", "text")),
                       "upsample": _opt(str, choices=("nearest", "bilinear")),
                       "input_res": _opt(int, minimum=1),

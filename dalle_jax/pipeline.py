@@ -136,23 +136,25 @@ class GANGenerator:
         """Pictures in [-1, 1] for image vectors [B, E]; per-picture z and noise from `keys`.
 
         Truncation pulls w toward the condition's own mean style (the conditional truncation
-        of StyleGAN-T), estimated from a fixed set of z draws."""
-        del features, mask  # this decoder reads the image vector alone
+        of StyleGAN-T), estimated from a fixed set of z draws. A decoder with cross-attention
+        reads the caption's token features [B, L, T] where `mask` [B, L] holds any token (a
+        prompt); an all-false row (a decode from an image vector alone) leaves it out."""
         g = self.generator
         gp = {"params": p["generator"]}
         mapping = lambda z, c: g.apply(gp, z, c, method=lambda m, z, c: m.mapping(z, c))
         z_fixed = jax.random.normal(jax.random.PRNGKey(0), (TRUNCATION_SAMPLES, g.config.z_dim))
         psi = options["truncation"]
 
-        def one(key, c):
+        def one(key, c, f, m):
             kz, kn = jax.random.split(key)
             w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None])
             if psi != 1.0:
                 w_mean = mapping(z_fixed, jnp.repeat(c[None], TRUNCATION_SAMPLES, 0)).mean(0)
                 w = w_mean + psi * (w - w_mean)
-            return g.apply(gp, w, kn, method=lambda m, w, k: m.synthesis(w, k))[0]
+            return g.apply(gp, w, kn, f[None], m[None],
+                           method=lambda mod, w, k, f, m: mod.synthesis(w, k, f, m))[0]
 
-        return jax.vmap(one)(keys, embed)
+        return jax.vmap(one)(keys, embed, features, mask)
 
 
 class UnCLIPGenerator:

@@ -138,3 +138,24 @@ def test_conv2d_values_and_gradients_equal_lax(kernel, cin, cout, batch, chunk, 
     r1 = lambda f: lambda w: jnp.sum(jnp.square(jax.grad(lambda x: loss(f)(x, w))(x)))
     np.testing.assert_allclose(jax.grad(r1(gan.conv2d))(w), jax.grad(r1(ref))(w), rtol=1e-4,
                                atol=1e-3)
+
+
+@pytest.mark.parametrize("synthesis", ["style", "conv"])
+def test_cross_attention_reads_tokens_and_an_empty_mask_leaves_it_out(synthesis):
+    """With tokens the picture depends on them; a row with no token (a dropped caption, a
+    decode from an image vector alone) draws exactly what the decoder draws without tokens."""
+    config = gan.GANConfig(resolution=32, synthesis=synthesis, cross_attention_res=(8, 16),
+                           **SMALL)
+    k = jax.random.PRNGKey(0)
+    z, cond = jax.random.normal(k, (4, 16)), jax.random.normal(jax.random.PRNGKey(1), (4, 16))
+    tokens = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 16))
+    mask = jnp.array([[True] * 6, [True] * 3 + [False] * 3, [False] * 6, [True] * 6])
+    g = gan.Generator(config)
+    gp = {"params": g.init(k, z, cond, k, tokens, jnp.ones((4, 6), bool))["params"]}
+    images = np.asarray(g.apply(gp, z, cond, k, tokens, mask))
+    without = np.asarray(g.apply(gp, z, cond, k))
+    other_tokens = np.asarray(g.apply(gp, z, cond, k, tokens[::-1], mask))
+    np.testing.assert_allclose(images[2], without[2], atol=1e-6)  # the empty row
+    for row in (0, 1, 3):
+        assert np.abs(images[row] - without[row]).max() > 1e-3, row
+    assert np.abs(images[0] - other_tokens[0]).max() > 1e-3

@@ -183,3 +183,29 @@ def test_shift_tolerant_reconstruction_forgives_small_translations_only():
     # The gradient reaches the drawn picture.
     grad = jax.grad(lambda f: gan_family.reconstruction_error(f, real, "l2", 1))(real + 0.1)
     assert np.abs(grad).sum() > 0
+
+
+@pytest.mark.parametrize("drop", [0.0, 1.0])
+def test_text_drop_prob_hides_the_caption_from_cross_attention(tmp_path, drop):
+    """Every caption dropped: the cross-attention layer gets no gradient (it adds nothing);
+    none dropped: it learns."""
+    config = gan_config(r1_gamma=0.0)
+    config.model.text_drop_prob = drop
+    config.loss.perceptual_weight = 0.0
+    clip_params, clip_config = clip_parts()
+    task = gan_family.GANTask(config, clip_params, clip_config)
+    params = task.init_params(jax.random.PRNGKey(0))
+    batch = task_batch(config)
+    grads, _ = jax.jit(task.grad_fn)(params, batch, jax.random.PRNGKey(1), task.frozen, 1)
+    xattn = jax.tree.leaves(grads["generator"]["synthesis"]["b8_xattn"])
+    largest = max(float(np.abs(np.asarray(g)).max()) for g in xattn)
+    if drop:
+        assert largest == 0.0
+    else:
+        assert largest > 0.0
+
+
+def task_batch(config):
+    from dalle_jax.data import pipeline as data_pipeline
+    source = data_pipeline.make_dataset(config.data)
+    return jax.tree.map(np.asarray, next(iter(source)))

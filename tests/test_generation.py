@@ -135,6 +135,29 @@ def test_variations_interpolate_edit(pipe):
         pipe.variations(np.zeros((1, 8, 8, 3), np.uint8))
 
 
+def test_a_decoder_with_cross_attention_reads_the_prompt_and_decodes_images_without_one(
+        tmp_path):
+    """generate() hands the prompt's token features to a decoder's cross-attention;
+    variations (an image vector alone) hand it none, so the layer's weights cannot move them."""
+    config = config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"),
+                             SMALL + ["decoder.model.cross_attention_res=(8,)",
+                                      "decoder.model.text_drop_prob=0.5"])
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
+    gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
+    assert "b8_xattn" in gan["generator"]["synthesis"]
+    path = str(tmp_path / "model.npz")
+    stages.export(path, config, clip_params, prior, gan["generator"])
+    pipe = Pipeline.load(path, batch_size=4)
+    source = pipe.generate(PROMPTS[:2], seed=1)
+    var = pipe.variations(source, num=2, seed=2)
+    xattn = pipe.params["generator"]["synthesis"]["b8_xattn"]
+    xattn["out"]["kernel"] = xattn["out"]["kernel"] * 3.0 + 0.1
+    other = Pipeline(pipe.meta, pipe.params, path, batch_size=4)
+    assert not np.array_equal(other.generate(PROMPTS[:2], seed=1), source)
+    np.testing.assert_array_equal(other.variations(source, num=2, seed=2), var)
+
+
 def test_slerp_endpoints_and_norm():
     a = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
     b = jax.random.normal(jax.random.PRNGKey(1), (3, 8))

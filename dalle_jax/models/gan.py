@@ -51,6 +51,9 @@ class GANConfig:
     d_channels: tuple[int, ...] = (64, 128, 256, 256)
     noise: bool = True
     cross_attention_res: tuple[int, ...] = ()  # e.g. (8,) as in GigaGAN
+    # The share of training examples whose caption the cross-attention does not see, so that
+    # the decoder also draws from an image vector alone (variations, interpolation, edits).
+    text_drop_prob: float = 0.0
     # Add a projection of w to the 4x4 input (as a DCGAN/BigGAN generator starts), so that
     # where things go depends on the condition from the first layer, not only on which
     # channels of the constant the styles switch on.
@@ -75,6 +78,8 @@ class GANConfig:
             raise ValueError(f"synthesis must be style or conv, got {self.synthesis!r}")
         if self.upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be nearest or bilinear, got {self.upsample!r}")
+        if not 0.0 <= self.text_drop_prob <= 1.0:
+            raise ValueError(f"text_drop_prob must be between 0 and 1, got {self.text_drop_prob}")
         ratio = self.resolution // self.input_res if self.input_res >= 1 else 0
         if ratio < 1 or ratio * self.input_res != self.resolution or ratio & (ratio - 1):
             raise ValueError(f"input_res {self.input_res} must divide {self.resolution} by a "
@@ -100,6 +105,7 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         input_from_w=model.get("input_from_w", False),
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
+        text_drop_prob=model.get("text_drop_prob", 0.0),
         token_dim=token_dim, upsample=model.get("upsample", GANConfig.upsample),
         input_res=model.get("input_res", GANConfig.input_res),
         norm_groups=model.get("norm_groups", GANConfig.norm_groups),
@@ -272,7 +278,10 @@ class ModulatedConv(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image features [B, H, W, C] attend to token features [B, L, T] (GigaGAN)."""
+    """Image features [B, H, W, C] attend to token features [B, L, T] (GigaGAN).
+
+    A row whose mask holds no token (a dropped caption, or a decode from an image vector alone)
+    adds nothing: the layer is then the identity, as it is at initialisation of `out`."""
 
     num_heads: int = 4
     dtype: Any = jnp.float32
@@ -292,7 +301,8 @@ class CrossAttention(nn.Module):
         v = v.reshape(*v.shape[:2], heads, dh)
         out = jax.nn.dot_product_attention(q, k, v, mask=token_mask[:, None, None, :])
         out = layers.Dense(c, dtype=self.dtype, name="out")(out.reshape(b, h * w, c))
-        return x + out.reshape(b, h, w, c)
+        any_token = jnp.any(token_mask, axis=-1)[:, None, None].astype(out.dtype)
+        return x + (out * any_token).reshape(b, h, w, c)
 
 
 class SynthesisLayer(nn.Module):

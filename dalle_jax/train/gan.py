@@ -160,6 +160,11 @@ class GANTask:
         b = real.shape[0]
         k_z, k_noise, k_aug_g, k_aug_f, k_aug_r, k_aug_m = jax.random.split(rng, 6)
         cond, token_features, mask = self.conditions(frozen["clip"], real, tokens)
+        if self.gan_config.cross_attention_res and self.gan_config.text_drop_prob:
+            # Folded in, not split off, so that runs without caption dropout keep their keys.
+            drop = jax.random.bernoulli(jax.random.fold_in(rng, 7),
+                                        self.gan_config.text_drop_prob, (b,))
+            mask = mask & ~drop[:, None]
         z = jax.random.normal(k_z, (b, self.gan_config.z_dim))
         augment = (lambda x, k: diff_augment(x, k, lc.augment)) if lc.augment else (lambda x, k: x)
         D = lambda dp, x, c: self.discriminator.apply({"params": dp}, x, c)
