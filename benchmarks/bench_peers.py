@@ -29,6 +29,10 @@ the peers about 10x slower than on an idle one (open_clip: 12 s a step with 2 th
 with 1, 1.4 s with 2 and --passive, which sets OMP_WAIT_POLICY=PASSIVE for them); time on an
 idle machine, and use --passive only to check a busy one.
 
+With `XLA_FLAGS=--xla_force_host_platform_device_count=N` our step runs data-parallel over N
+host devices (the batch split, parameters replicated, as train.py's default mesh does); the
+peers keep their thread pool.
+
 `--profile NAME` says where our step's time goes for one pair: the step split into forward,
 backward and optimizer by timing the loss, its gradient and the whole step; and every matmul and
 convolution of the step timed alone (same shapes, same dimension numbers), grouped, against
@@ -60,6 +64,7 @@ import bench_gan  # noqa: E402
 import bench_unclip  # noqa: E402
 from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops  # noqa: E402
 from dalle_jax import config as config_lib  # noqa: E402
+from dalle_jax import sharding  # noqa: E402
 from dalle_jax.models import prior as prior_lib  # noqa: E402
 from dalle_jax.models import unet as unet_lib  # noqa: E402
 from dalle_jax.train import clip as clip_family  # noqa: E402
@@ -284,9 +289,25 @@ def jitted_step(task, optim_config):
     return step, init(jax.random.PRNGKey(0))
 
 
+def spread(tree, b: int):
+    """The project's data parallelism when there is more than one device: every leaf whose
+    leading axis is the batch split over a ("data",) mesh of all devices, the rest replicated.
+    On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=N` makes N devices of its cores,
+    as train.py's mesh would use them."""
+    if jax.device_count() == 1 or tree is None:
+        return tree
+    mesh = sharding.make_mesh()
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh) if x.shape[:1] == (b,)
+                                   else sharding.replicated(mesh))
+    return jax.tree.map(put, tree)
+
+
 def bench_ours(name: str, b: int, reps: int) -> dict:
     task, optim_config, batch, frozen = build_ours(name, PAIRS[name]["ours"], b)
     step, state = jitted_step(task, optim_config)
+    if jax.device_count() > 1:
+        state = jax.device_put(state, sharding.replicated(sharding.make_mesh()))
+        batch, frozen = spread(batch, b), spread(frozen, b)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     flops = model_flops(step, state, batch, frozen)
     xla = compiled_flops(step.lower(state, batch, frozen).compile())

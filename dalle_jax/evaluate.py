@@ -68,6 +68,7 @@ def adherence_report(pipe, captions, seed=0, options=None, use_prior=True, progr
     # Which stated attributes fail, over one-object captions: where to look first.
     report["one_object_checks"] = adherence.one_object_check_rates(results, captions)
     report["one_object_shape_by_kind"] = adherence.one_object_shape_rates(results, captions)
+    report["two_object_checks"] = adherence.check_rates(results, captions, 2)
     return report, pictures
 
 

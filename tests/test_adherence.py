@@ -184,6 +184,21 @@ def test_one_object_shape_rates_name_the_shape_that_fails():
     assert any(k.startswith("star, ") for k in rates)  # sizes, where stated
 
 
+def test_two_object_check_rates_single_out_the_relation():
+    """Two-object pictures scored against captions with the relation reversed: both objects
+    are still found, only the relation check fails; one-object captions are left out."""
+    images, captions = S.examples(range(60), "eval", 0, 32)
+    two = [i for i, c in enumerate(captions) if len(S.parse_caption(c).objects) == 2]
+    assert len(two) >= 5
+    rates = A.check_rates(A.score_batch(images, captions), captions, 2)
+    assert set(rates) == {"object1", "object2", "relation", "count", "background"}
+    assert all(v == 1.0 for v in rates.values()), rates
+    reversed_ = [S.reverse_relation(c)[1] if i in two else c for i, c in enumerate(captions)]
+    rates = A.check_rates(A.score_batch(images, reversed_), reversed_, 2)
+    assert rates["relation"] == 0.0
+    assert rates["object1"] == rates["object2"] == rates["count"] == 1.0
+
+
 def test_float_images_accepted():
     image, caption = S.example(4, "eval", 0, 64)
     assert A.score(image.astype(np.float32) / 255.0, caption).ok

@@ -439,18 +439,24 @@ def summary(results: Sequence[AdherenceResult], captions: Sequence[str]) -> dict
     return out
 
 
-def one_object_check_rates(results: Sequence[AdherenceResult],
-                           captions: Sequence[str]) -> dict[str, float]:
-    """How often each stated attribute (colour, shape, size, position, count, background) is
-    right, over the one-object captions: which check fails, where `summary` only says that
-    one did."""
+def check_rates(results: Sequence[AdherenceResult], captions: Sequence[str],
+                num_objects: int = 1) -> dict[str, float]:
+    """How often each check passes over the captions that name `num_objects` objects: which
+    check fails, where `summary` only says that one did. One object: colour, shape, size,
+    position, count, background. Two: object1 and object2 (each drawn in its colour and shape),
+    relation, count, background."""
     checks: dict[str, list[bool]] = {}
     for result, caption in zip(results, captions):
         parsed = S.parse_caption(caption)
-        if parsed is not None and len(parsed.objects) == 1:
+        if parsed is not None and len(parsed.objects) == num_objects:
             for name, ok in result.checks.items():
                 checks.setdefault(name, []).append(ok)
     return {k: float(np.mean(v)) for k, v in sorted(checks.items())}
+
+
+def one_object_check_rates(results: Sequence[AdherenceResult],
+                           captions: Sequence[str]) -> dict[str, float]:
+    return check_rates(results, captions, 1)
 
 
 def one_object_shape_rates(results: Sequence[AdherenceResult],
