@@ -310,7 +310,8 @@ def bench_ours(name: str, b: int, reps: int) -> dict:
         batch, frozen = spread(batch, b), spread(frozen, b)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     flops = model_flops(step, state, batch, frozen)
-    xla = compiled_flops(step.lower(state, batch, frozen).compile())
+    # cost_analysis counts one device's share of a data-parallel step
+    xla = compiled_flops(step.lower(state, batch, frozen).compile()) * jax.device_count()
     holder = {"state": state}
 
     def run():

@@ -144,8 +144,8 @@ class MultiHeadAttention(nn.Module):
         qkv = layers.Dense(3 * d, dtype=self.dtype, name="qkv",
                            kernel_init=nn.initializers.normal(d ** -0.5))(x)
         q, k, v = jnp.split(qkv.reshape(b, l, 3, self.num_heads, head_dim), 3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                           is_causal=self.causal)  # [B, L, H, Dh]
+        out = layers.attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                               is_causal=self.causal)  # [B, L, H, Dh]
         return layers.Dense(d, dtype=self.dtype, name="out",
                             kernel_init=nn.initializers.normal(d ** -0.5))(out.reshape(b, l, d))
 
@@ -287,7 +287,7 @@ class ConvTower(nn.Module):
         k = layers.Dense(w, dtype=self.dtype, name="k_proj")(x)
         v = layers.Dense(w, dtype=self.dtype, name="v_proj")(x)
         split = lambda t: t.reshape(b, t.shape[1], heads, head_dim)
-        pooled = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, w)
+        pooled = layers.attention(split(q), split(k), split(v)).reshape(b, w)
         embed = layers.Dense(c.embed_dim, dtype=self.dtype, name="c_proj")(pooled)
         return embed, x
 

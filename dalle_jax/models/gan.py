@@ -299,7 +299,7 @@ class CrossAttention(nn.Module):
         v = layers.Dense(c, dtype=self.dtype, name="value")(kv)
         k = k.reshape(*k.shape[:2], heads, dh)
         v = v.reshape(*v.shape[:2], heads, dh)
-        out = jax.nn.dot_product_attention(q, k, v, mask=token_mask[:, None, None, :])
+        out = layers.attention(q, k, v, mask=token_mask[:, None, None, :])
         out = layers.Dense(c, dtype=self.dtype, name="out")(out.reshape(b, h * w, c))
         any_token = jnp.any(token_mask, axis=-1)[:, None, None].astype(out.dtype)
         return x + (out * any_token).reshape(b, h, w, c)
