@@ -41,3 +41,14 @@ def test_dense_folds_leading_axes_and_keeps_flax_parameters():
     kernel, bias = params["params"]["kernel"], params["params"]["bias"]
     np.testing.assert_allclose(y, jnp.einsum("bld,de->ble", x, kernel) + bias, atol=1e-5)
     assert y.shape == (2, 5, 3)
+
+
+def test_attention_in_bfloat16_keeps_float32_logits_like_jax():
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(3), 3)
+    q, k, v = (jax.random.normal(key, (2, 33, 4, 16), jnp.bfloat16) * 3 for key in (kq, kk, kv))
+    ours = layers.attention(q, k, v)
+    assert ours.dtype == jnp.bfloat16
+    ref = jax.nn.dot_product_attention(q, k, v)
+    exact = jax.nn.dot_product_attention(*(t.astype(jnp.float32) for t in (q, k, v)))
+    np.testing.assert_allclose(ours.astype(jnp.float32), ref.astype(jnp.float32), atol=0.03)
+    np.testing.assert_allclose(ours.astype(jnp.float32), exact, rtol=1e-2, atol=0.03)

@@ -31,12 +31,14 @@ def attention(q, k, v, mask=None, is_causal=False):
     attention (batch 128, 65 positions, 4 heads of 32) forward and backward took 34 ms against
     24 ms here (benchmarks/RESULTS.md, session 15)."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, D]
-    logits = jnp.einsum("bhtd,bhsd->bhts", q * q.shape[-1] ** -0.5, k)
+    # logits and softmax in float32 whatever the inputs' dtype, as jax's function does for bf16
+    logits = jnp.einsum("bhtd,bhsd->bhts", q * q.shape[-1] ** -0.5, k,
+                        preferred_element_type=jnp.float32)
     if is_causal:
         t, s = logits.shape[-2:]
         causal = jnp.tril(jnp.ones((t, s), bool))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", weights, v), 1, 2)
