@@ -28,8 +28,8 @@ def attention(q, k, v, mask=None, is_causal=False):
     Heads are moved ahead of positions before the two products, so each is a batched matmul
     with its batch axes leading. `jax.nn.dot_product_attention` contracts the [B, T, H, D]
     layout in place, and XLA's CPU backend runs those dots at 12-20 GFLOP/s: on CLIP's
-    attention (batch 128, 65 positions, 4 heads of 32) forward and backward took 34 ms against
-    24 ms here (benchmarks/RESULTS.md, session 15)."""
+    attention (batch 128, 65 positions, 4 heads of 32) forward and backward took 27-34 ms against
+    20-24 ms here (benchmarks/RESULTS.md, session 15)."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, L, D]
     # logits and softmax in float32 whatever the inputs' dtype, as jax's function does for bf16
     logits = jnp.einsum("bhtd,bhsd->bhts", q * q.shape[-1] ** -0.5, k,

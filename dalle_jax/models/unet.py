@@ -123,8 +123,7 @@ class AttentionBlock(nn.Module):
         k, v = jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1)
         mask = jnp.concatenate([context_mask, jnp.ones((b, hh * ww), bool)], 1)
         split = lambda a: a.reshape(b, a.shape[1], heads, dh)
-        out = layers.attention(split(q), split(k), split(v),
-                               mask=mask[:, None, None, :])
+        out = layers.attention(split(q), split(k), split(v), mask=mask[:, None, None, :])
         out = layers.Dense(c, name="out", kernel_init=nn.initializers.zeros)(out.reshape(b, -1, c))
         return x + out.reshape(b, hh, ww, c)
 
