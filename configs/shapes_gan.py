@@ -58,7 +58,10 @@ def get_config():
     # perceptual_weight > 0 adds a distance on the frozen CLIP tower's feature maps (no gain in
     # a 500-step probe; benchmarks/RESULTS.md, session 7); reconstruction_shift = s > 0 takes
     # the squared error at the best of the real picture's shifts by up to s px (no gain by step
-    # 2,500 at s = 2; session 9).
+    # 2,500 at s = 2; session 9); reconstruction_blur = sigma > 0 takes it between the two
+    # pictures blurred by a Gaussian of sigma px, leaving edges to D and CLIP (at sigma 1 the
+    # decoder drew textured objects and trailed the shipped run, 42 / 35% against 49 / 43% at
+    # step 2,000; session 16).
     # clip_weight 5 adds CLIP guidance, 5 x (1 - cosine between the frozen CLIP's vector of the
     # drawn picture and the condition): the squared error barely tells a rounded square from a
     # circle, CLIP does. Decoder-alone adherence at step 4,500: 66 / 58% at weight 5, 59 / 58% at

@@ -185,6 +185,40 @@ def test_shift_tolerant_reconstruction_forgives_small_translations_only():
     assert np.abs(grad).sum() > 0
 
 
+def test_gaussian_blur_matches_a_direct_convolution_and_keeps_flat_pictures():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(2, 10, 11, 3)).astype(np.float32)
+    sigma = 0.8
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k2 = np.outer(k, k) / np.outer(k, k).sum()
+    padded = np.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    want = np.zeros_like(x)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            want += k2[dy, dx] * padded[:, dy:dy + 10, dx:dx + 11]
+    np.testing.assert_allclose(gan_family.gaussian_blur(x, sigma), want, rtol=1e-5, atol=1e-6)
+    flat = np.full((1, 8, 8, 3), 0.3, np.float32)
+    np.testing.assert_allclose(gan_family.gaussian_blur(flat, 1.5), flat, rtol=1e-6)
+    assert gan_family.gaussian_blur(x, 0.0) is x
+
+
+def test_blurred_reconstruction_forgives_edges_more_than_placement():
+    """Under the blur a one-pixel move costs a fraction of its plain error, a picture of the
+    wrong colour costs about as much as before, and the gradient reaches the drawn picture."""
+    real = np.zeros((1, 16, 16, 3), np.float32)
+    real[:, 5:10, 5:10] = 1.0
+    moved = np.roll(real, 1, axis=2)
+    plain, blurred = (gan_family.reconstruction_error(moved, real, "l2", 0, s) for s in (0, 1.0))
+    assert 0 < blurred < 0.4 * plain
+    wrong = real * np.array([1.0, 0.0, 0.0], np.float32)  # the object red instead of white
+    ratio = (gan_family.reconstruction_error(wrong, real, "l2", 0, 1.0)
+             / gan_family.reconstruction_error(wrong, real, "l2", 0, 0))
+    assert ratio > 0.6
+    grad = jax.grad(lambda f: gan_family.reconstruction_error(f, real, "l2", 0, 1.0))(moved)
+    assert np.abs(grad).sum() > 0
+
+
 @pytest.mark.parametrize("drop", [0.0, 1.0])
 def test_text_drop_prob_hides_the_caption_from_cross_attention(tmp_path, drop):
     """Every caption dropped: the cross-attention layer gets no gradient (it adds nothing);

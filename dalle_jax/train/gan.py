@@ -39,7 +39,21 @@ from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
 
 
-def reconstruction_error(fake, real, kind: str = "l2", max_shift: int = 0):
+def gaussian_blur(images, sigma: float):
+    """[B, H, W, C] images blurred by a Gaussian of ``sigma`` pixels (separable, truncated at
+    3 sigma, edge pixels extended); sigma 0 returns them unchanged."""
+    if not sigma:
+        return images
+    r = max(1, int(np.ceil(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = jnp.asarray(k / k.sum(), images.dtype)
+    x = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    h, w = images.shape[1:3]
+    x = sum(k[i] * x[:, i:i + h] for i in range(2 * r + 1))
+    return sum(k[i] * x[:, :, i:i + w] for i in range(2 * r + 1))
+
+
+def reconstruction_error(fake, real, kind: str = "l2", max_shift: int = 0, blur: float = 0.0):
     """Mean squared (``l2``) or absolute (``l1``) error between the drawn and the real pictures,
     each picture compared with the real one translated by whichever of the (2s+1)^2 shifts of
     at most ``max_shift`` = s pixels per axis fits it best (the real picture's edge pixels
@@ -49,8 +63,16 @@ def reconstruction_error(fake, real, kind: str = "l2", max_shift: int = 0):
     object by up to 4% of the canvas, 1.3 px at 32 px), and the plain error's optimum under that
     doubt is the average over positions, a blob in which a small star, diamond or triangle
     no longer reads as its shape (the mean of 64 jittered small stars never does). Under the
-    minimum over shifts a sharp object anywhere within s pixels costs nothing extra."""
+    minimum over shifts a sharp object anywhere within s pixels costs nothing extra.
+
+    ``blur`` = sigma > 0 compares the two pictures after a Gaussian blur of sigma pixels, so that
+    the term holds the low frequencies (where an object is, how large, which colours) and leaves
+    the edges, where a small star differs from a blob, to the adversarial and CLIP terms: a sharp
+    object off by a pixel costs little once both are blurred, so the optimum under doubt need not
+    be a blurred object (the low-frequency loss of GAN super-resolution and image-to-image
+    work)."""
     err = jnp.abs if kind == "l1" else jnp.square
+    fake, real = gaussian_blur(fake, blur), gaussian_blur(real, blur)
     if not max_shift:
         return err(fake - real).mean()
     s = int(max_shift)
@@ -181,7 +203,8 @@ class GANTask:
                 # start to appear (seen on shapes: backgrounds only after 600 steps); the mean
                 # draws a faint object that sharpens as the decoder learns.
                 rec = reconstruction_error(fake, real, lc.get("reconstruction", "l2"),
-                                           lc.get("reconstruction_shift", 0))
+                                           lc.get("reconstruction_shift", 0),
+                                           lc.get("reconstruction_blur", 0.0))
                 loss = loss + lc.get("reconstruction_weight") * rec
                 metrics["reconstruction"] = rec
             if lc.get("perceptual_weight", 0.0):
