@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import host  # noqa: E402
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.train import loop
@@ -85,6 +86,7 @@ def bench_train_step(overrides, steps: int):
 
 
 def main():
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-b16", action="store_true")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import host  # noqa: E402
 from dalle_jax.metrics import fid
 from dalle_jax.models import inception
 
@@ -61,6 +62,7 @@ def bench(net: fid.FID, size: int, steps: int) -> dict:
 
 
 def main():
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", help="an .npz from `python -m dalle_jax.metrics.fid convert`")
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])

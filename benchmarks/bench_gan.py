@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from bench_clip import compiled_flops, matmul_peak_gflops
+from dalle_jax import host  # noqa: E402
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.pipeline import Pipeline
@@ -74,6 +75,7 @@ def bench_sampling(pipe_path: str | None, batch: int, reps: int):
 
 
 def main():
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpoint", help="model file to sample from (default: shipped)")

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_clip import matmul_peak_gflops  # noqa: E402
 from bench_gan import ROOT, bench_stage  # noqa: E402
+from dalle_jax import host  # noqa: E402
 from dalle_jax.data import shapes  # noqa: E402
 from dalle_jax.metrics import adherence  # noqa: E402
 from dalle_jax.pipeline import Pipeline  # noqa: E402
@@ -141,6 +142,7 @@ def part_speed(args):
 
 
 def main(argv=None):
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("speed", "adherence", "all"), default="all")

@@ -3,7 +3,7 @@
     bash benchmarks/peers/setup_venv.sh          # once: the peers' own virtual environment
     python benchmarks/bench_peers.py [--quick] [--only gan|unet|prior|clip|sampling]
                                      [--out FILE] [--profile gan|unet|prior|clip]
-                                     [--threads 2] [--passive]
+                                     [--threads 2] [--passive] [--peer-malloc default|keep]
 
 Each pair is a dalle_jax model and a peer of matched size (parameters and FLOPs per image within
 20%; both counts are printed): the shipped-size GAN decoder (generator + discriminator) against
@@ -63,6 +63,7 @@ from jax._src.interpreters import partial_eval as pe  # noqa: E402  (dce_jaxpr: 
 import bench_gan  # noqa: E402
 import bench_unclip  # noqa: E402
 from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops  # noqa: E402
+from dalle_jax import host  # noqa: E402
 from dalle_jax import config as config_lib  # noqa: E402
 from dalle_jax import sharding  # noqa: E402
 from dalle_jax.models import prior as prior_lib  # noqa: E402
@@ -115,6 +116,11 @@ PAIRS = {
                                            text_layers=3, text_heads=4))),
 }
 SAMPLING = dict(gan_batch=(16, 64), gan_reps=(2, 5), unet_batch=(4, 16), steps=50, guidance=3.0)
+
+
+# Extra environment for the peers' processes: `--peer-malloc keep` gives them the allocator
+# settings that DALLE_JAX_MALLOC=keep gives our side (dalle_jax/host.py).
+PEER_ENV: dict[str, str] = {}
 
 
 class PeersMissing(RuntimeError):
@@ -333,6 +339,7 @@ def run_peer(spec: dict, timeout: float = 1800, passive: bool = False) -> list[d
                MKL_NUM_THREADS=str(spec.get("threads", 2)))
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.update(PEER_ENV)
     proc = subprocess.run([str(VENV_PYTHON), str(TORCH_SIDE), json.dumps(spec)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -428,7 +435,9 @@ def header(peak: float, args, versions: dict) -> list[str]:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {cpu}, "
             f"{os.cpu_count()} CPUs; jax {jax.__version__} ({jax.device_count()} x "
             f"{jax.devices()[0].platform}); peers: {peers}, {args.threads} threads"
-            f"{' (OMP_WAIT_POLICY=PASSIVE)' if args.passive else ''}.", "",
+            f"{' (OMP_WAIT_POLICY=PASSIVE)' if args.passive else ''}; allocator: ours "
+            f"{'kept (DALLE_JAX_MALLOC=keep)' if host.kept() else 'glibc defaults'}, "
+            f"the peers' {'kept (--peer-malloc keep)' if PEER_ENV else 'glibc defaults'}.", "",
             f"float32 matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s. GFLOP counts "
             "matmuls, convolutions and attention (torch FlopCounterMode's rules, forward + "
             "backward); XLA's count of our step adds elementwise work."]
@@ -527,6 +536,7 @@ def profile(name: str, b: int, reps: int):
 # ------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches, few steps")
     parser.add_argument("--only", nargs="+", choices=[*PAIRS, "sampling"],
@@ -538,9 +548,14 @@ def main(argv=None):
     parser.add_argument("--passive", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE for the peers: on a machine busy with "
                              "other work, OpenMP's spinning threads ran them ~10x slower")
+    parser.add_argument("--peer-malloc", choices=("default", "keep"), default="default",
+                        help="glibc's allocator for the peers: its defaults, or the settings "
+                             "that DALLE_JAX_MALLOC=keep gives our side (dalle_jax/host.py)")
     parser.add_argument("--cache", default=str(ROOT / ".jax_cache"),
                         help="persistent compilation cache ('' for none)")
     args = parser.parse_args(argv)
+    if args.peer_malloc == "keep":
+        PEER_ENV.update(host.ENVIRONMENT)
     if args.cache:
         jax.config.update("jax_compilation_cache_dir", args.cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

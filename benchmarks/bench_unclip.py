@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops
+from dalle_jax import host  # noqa: E402
 from dalle_jax import sharding
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import loop, unclip
@@ -86,6 +87,7 @@ def forward_gflops(apply, *args) -> float:
 
 
 def main():
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--batch", type=int, default=16, help="pictures per sampling call")

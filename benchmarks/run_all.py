@@ -38,6 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dalle_jax import host  # noqa: E402
+
 import bench_clip  # noqa: E402
 import bench_data  # noqa: E402
 import bench_fid  # noqa: E402
@@ -264,6 +266,7 @@ BENCHMARKS = (bench_clip_train, bench_gan_train, bench_gan_sample, bench_unclip_
 
 
 def main(argv=None):
+    host.from_environment()  # DALLE_JAX_MALLOC=keep: dalle_jax/host.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, small batches")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute where it applies")

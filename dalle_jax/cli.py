@@ -25,6 +25,8 @@ def train_main(argv=None) -> int:
     parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
     args, overrides = parser.parse_known_args(argv)
+    from dalle_jax import host
+    host.from_environment()
 
     from dalle_jax import config as config_lib
     from dalle_jax.checkpoint import CheckpointError
@@ -82,6 +84,8 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--to", dest="to_text", metavar="TEXT")
     parser.add_argument("--amount", type=float, default=0.5, help="how far an edit goes (0-1)")
     args = parser.parse_args(argv)
+    from dalle_jax import host
+    host.from_environment()
     modes = [m for m in ("variations", "interpolate", "edit") if getattr(args, m)]
     if len(modes) > 1:
         return _fail(f"choose one of --{' / --'.join(modes)}")

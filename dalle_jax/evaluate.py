@@ -336,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="report.json",
                         help="the JSON report; its grid PNG is written beside it")
     args = parser.parse_args(argv)
+    from dalle_jax import host
+    host.from_environment()
     from dalle_jax import bundle
     from dalle_jax.pipeline import Pipeline
     if not 1 <= args.num <= 100_000:
