@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import host  # noqa: E402
+from dalle_jax import host
 from dalle_jax.metrics import fid
 from dalle_jax.models import inception
 

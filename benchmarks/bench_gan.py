@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from bench_clip import compiled_flops, matmul_peak_gflops
-from dalle_jax import host  # noqa: E402
+from dalle_jax import host
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.pipeline import Pipeline

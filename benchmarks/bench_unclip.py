@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from bench_clip import compiled_flops, cpu_name, matmul_peak_gflops
-from dalle_jax import host  # noqa: E402
+from dalle_jax import host
 from dalle_jax import sharding
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import loop, unclip

@@ -26,12 +26,12 @@ import ctypes
 import ctypes.util
 import os
 
-# mallopt parameters, from glibc's <malloc.h>
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-# The same settings as glibc's environment variables, read when a process starts (for a process
-# this one launches, e.g. a benchmark's PyTorch peer).
-ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-               "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
+# (mallopt parameter from glibc's <malloc.h>, the same setting's environment variable, value):
+# one arena, no mmap for large blocks, no trimming of the heap's top. The variables are read when
+# a process starts: they give the settings to a process this one launches (a benchmark's peer).
+SETTINGS = ((-8, "MALLOC_ARENA_MAX", 1), (-4, "MALLOC_MMAP_MAX_", 0),
+            (-1, "MALLOC_TRIM_THRESHOLD_", 2 ** 31 - 1))
+ENVIRONMENT = {name: str(value) for _, name, value in SETTINGS}
 VARIABLE = "DALLE_JAX_MALLOC"  # "keep" turns keep_freed_memory on in the command lines
 
 _kept = False
@@ -55,8 +55,7 @@ def keep_freed_memory() -> bool:
         libc = _glibc()
         if libc is not None:
             # mallopt returns 1 on success
-            _kept = all(libc.mallopt(param, value) == 1 for param, value in (
-                (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+            _kept = all(libc.mallopt(param, value) == 1 for param, _, value in SETTINGS)
     return _kept
 
 
