@@ -102,7 +102,10 @@ SCHEMAS: dict[str, dict] = {
     # dalle_jax/train/clip.py
     # (import_from: a directory of `python -m dalle_jax.clip_import`, the pipeline's frozen CLIP)
     "clip": {**_TRAINING, "model": {"variant": Field(str)},
-             "loss": Field(str, choices=("softmax", "sigmoid")), "import_from": _opt(str)},
+             "loss": Field(str, choices=("softmax", "sigmoid")), "import_from": _opt(str),
+             "pixel_loss": Block({"weight": _opt(float, minimum=0),
+                                  "text_weight": _opt(float, minimum=0),
+                                  "size": _opt(int, minimum=1)})},
     # dalle_jax/train/prior.py
     "prior": {**_TRAINING, "model": {"width": Field(int, minimum=1), "depth": Field(int, minimum=1),
                                      "sample_steps": Field(int, minimum=1)}},

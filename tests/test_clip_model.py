@@ -119,3 +119,32 @@ def test_convolutional_tower_keeps_what_and_where():
     assert np.abs(np.asarray(embed[2] - embed[0])).max() > 1e-3
     with pytest.raises(ValueError, match="bad CLIP variant change"):
         clip.CLIPConfig.from_variant("tiny-cnn,vision_cnn=3")
+
+
+def test_cells_pool_projects_each_cell_through_weights_of_its_own():
+    """vision_pool=cells: the embedding is c_proj(flatten(cell_proj(LN(grid)))), so the same
+    features in two cells enter it differently (the attention pool's weighted sum cannot tell
+    which of two objects is where); the variant string round-trips and a bad pool is named."""
+    model = clip.CLIP(variant="tiny-cnn,vision_pool=cells,pool_width=8", image_size=32,
+                      context_length=16)
+    assert model.config.as_variant() == "tiny-cnn,vision_pool=cells,pool_width=8"
+    images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    params = model.init(jax.random.PRNGKey(0), images, _tokens(2, 16, [2, 3]))["params"]
+    visual = jax.tree.map(lambda x: np.asarray(x, np.float64), params["visual"])
+    assert {"ln_cells", "cell_proj", "c_proj"} <= set(visual) and "q_proj" not in visual
+    embed, features = model.apply({"params": params}, images, method=model.encode_image)
+    grid = np.asarray(features[:, 1:], np.float64)  # [2, 64, 128]
+    ln = visual["ln_cells"]
+    normed = (grid - grid.mean(-1, keepdims=True)) / np.sqrt(grid.var(-1, keepdims=True) + 1e-5)
+    normed = normed * ln["scale"] + ln["bias"]
+    cells = normed @ visual["cell_proj"]["kernel"] + visual["cell_proj"]["bias"]  # [2, 64, 8]
+    want = cells.reshape(2, -1) @ visual["c_proj"]["kernel"] + visual["c_proj"]["bias"]
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(embed), want, rtol=1e-4, atol=1e-5)
+    # Two cells' contents exchanged: a sum over cells would not change, this pool does.
+    swapped = cells.copy()
+    swapped[:, [0, 63]] = cells[:, [63, 0]]
+    moved = swapped.reshape(2, -1) @ visual["c_proj"]["kernel"]
+    assert np.abs(moved - cells.reshape(2, -1) @ visual["c_proj"]["kernel"]).max() > 1e-3
+    with pytest.raises(ValueError, match="valid: attention, cells"):
+        clip.CLIPConfig.from_variant("tiny-cnn,vision_pool=max")

@@ -141,3 +141,48 @@ def test_bf16_remat_and_accumulation_switches_train(tmp_path):
     assert jax.tree.leaves(params)[0].dtype == np.float32  # bf16 compute, f32 parameters
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_pixel_loss_trains_the_image_tower_and_leaves_the_clip_alone():
+    """pixel_loss: the loss is contrastive + weight x the squared error of the pixel head's
+    redrawing of the box-downsampled picture; the head's gradient reaches the image tower
+    (not the text tower); `clip_params` drops the head, so later stages get a plain CLIP."""
+    from dalle_jax.train import clip as clip_family
+
+    config = tiny_config("pixel_loss.weight=2.0", "pixel_loss.size=4")
+    task = loop.build_task(config)
+    params = task.init_params(jax.random.PRNGKey(0))
+    assert set(params) - set(clip_family.clip_params(params)) == {clip_family.PIXEL_HEAD}
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32),
+             "tokens": np.asarray(clip_family.Tokenizer()(["a red circle"] * 4, 16))}
+    loss, metrics = task.loss_fn(params, batch, None, {})
+    np.testing.assert_allclose(loss, metrics["contrastive_loss"] + 2.0 * metrics["pixel_loss"],
+                               rtol=1e-6)
+    redrawn = task.pixel_head.apply({"params": params["pixel_head"]},
+                                    task.model.apply({"params": params}, batch["image"],
+                                                     method=task.model.encode_image)[0])
+    boxes = batch["image"].reshape(4, 4, 4, 4, 4, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(metrics["pixel_loss"], np.mean((redrawn - boxes) ** 2),
+                               rtol=1e-5)
+
+    def pixel_only(p):
+        return task.loss_fn(p, batch, None, {})[1]["pixel_loss"]
+    grads = jax.grad(pixel_only)(params)
+    norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
+    assert norm(grads["visual"]) > 0 and norm(grads["pixel_head"]) > 0
+    assert norm(grads["text"]) == 0
+    with pytest.raises(ValueError, match="must divide data.image_size"):
+        loop.build_task(tiny_config("pixel_loss.weight=1.0", "pixel_loss.size=5"))
+
+    # text_weight: the caption's vector through the same head, whose weights it leaves alone.
+    task = loop.build_task(tiny_config("pixel_loss.weight=2.0", "pixel_loss.size=4",
+                                       "pixel_loss.text_weight=3.0"))
+    loss, metrics = task.loss_fn(params, batch, None, {})
+    np.testing.assert_allclose(loss, metrics["contrastive_loss"] + 2.0 * metrics["pixel_loss"]
+                               + 3.0 * metrics["text_pixel_loss"], rtol=1e-6)
+    grads = jax.grad(lambda p: task.loss_fn(p, batch, None, {})[1]["text_pixel_loss"])(params)
+    assert norm(grads["text"]) > 0
+    assert norm(grads["visual"]) == 0 and norm(grads["pixel_head"]) == 0
+    with pytest.raises(ValueError, match="needs pixel_loss.weight"):
+        loop.build_task(tiny_config("pixel_loss.text_weight=1.0"))

@@ -54,8 +54,9 @@ def frozen_clip(config, workdir: str):
     if source:
         from dalle_jax import clip_import
         return clip_import.frozen_params(config.clip)
+    from dalle_jax.train.clip import clip_params
     clip_state = loop.train_and_evaluate(config.clip, os.path.join(workdir, "clip"))
-    return _params(clip_state, config.clip)
+    return clip_params(_params(clip_state, config.clip))
 
 
 def clip_from_model(source: str, clip_config) -> dict:
