@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import once
+
 
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
@@ -85,8 +87,9 @@ def init(model: FlowPrior, rng, context_length: int, embed_mean=None, embed_std=
     """{"net": network parameters, "embed_mean", "embed_std": the standardisation}."""
     c = model.config
     x = jnp.zeros((1, c.embed_dim))
-    net = model.init(rng, x, jnp.zeros((1,)), x, jnp.zeros((1, context_length, c.token_dim)),
-                     jnp.ones((1, context_length), bool))["params"]
+    net = once.jit(model.init)(rng, x, jnp.zeros((1,)), x,
+                               jnp.zeros((1, context_length, c.token_dim)),
+                               jnp.ones((1, context_length), bool))["params"]
     return with_embed_stats(net, c.embed_dim, embed_mean, embed_std)
 
 

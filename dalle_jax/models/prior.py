@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import diffusion
+from dalle_jax import diffusion, once
 from dalle_jax.models import layers
 from dalle_jax.models.flow_prior import standardise, timestep_embedding, with_embed_stats
 
@@ -113,8 +113,9 @@ def init(model: DiffusionPrior, rng, context_length: int, embed_mean=None, embed
     """{"net": network parameters, "embed_mean", "embed_std": the standardisation}."""
     c = model.config
     x = jnp.zeros((1, c.embed_dim))
-    net = model.init(rng, x, jnp.ones((1,)), x, jnp.zeros((1, context_length, c.token_dim)),
-                     jnp.ones((1, context_length), bool), jnp.zeros((1,), bool))["params"]
+    net = once.jit(model.init)(rng, x, jnp.ones((1,)), x,
+                               jnp.zeros((1, context_length, c.token_dim)),
+                               jnp.ones((1, context_length), bool), jnp.zeros((1,), bool))["params"]
     return with_embed_stats(net, c.embed_dim, embed_mean, embed_std)
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import diffusion
+from dalle_jax import diffusion, once
 from dalle_jax.models import layers
 from dalle_jax.models.flow_prior import timestep_embedding
 from dalle_jax.models.gan import conv2d, upsample2x
@@ -182,10 +182,11 @@ class UNet(nn.Module):
 def init(model: UNet, rng, context_length: int):
     c = model.config
     b = 1
-    return model.init(rng, jnp.zeros((b, c.image_size, c.image_size, 3)), jnp.ones((b,)),
-                      jnp.zeros((b, c.embed_dim)), jnp.zeros((b, context_length, c.token_dim)),
-                      jnp.ones((b, context_length), bool), jnp.zeros((b,), bool),
-                      jnp.zeros((b,), bool))["params"]
+    return once.jit(model.init)(
+        rng, jnp.zeros((b, c.image_size, c.image_size, 3)), jnp.ones((b,)),
+        jnp.zeros((b, c.embed_dim)), jnp.zeros((b, context_length, c.token_dim)),
+        jnp.ones((b, context_length), bool), jnp.zeros((b,), bool),
+        jnp.zeros((b,), bool))["params"]
 
 
 def diffusion_loss(model: UNet, params, images, image_embed, token_features, token_mask, rng):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import once
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import layers
@@ -82,11 +83,12 @@ class CLIPTask:
         c = self.config.data
         images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
         tokens = jnp.zeros((1, c.context_length), jnp.int32)
-        params = self.model.init(rng, images, tokens)["params"]
+        params = once.jit(self.model.init)(rng, images, tokens)["params"]
         if self.pixel_head is not None:
             head_rng = jax.random.fold_in(rng, 1)
             embed = jnp.zeros((1, self.model.config.embed_dim), jnp.float32)
-            params = {**params, PIXEL_HEAD: self.pixel_head.init(head_rng, embed)["params"]}
+            head = once.jit(self.pixel_head.init)(head_rng, embed)["params"]
+            params = {**params, PIXEL_HEAD: head}
         return params
 
     frozen = {}  # CLIP trains every parameter it uses

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from dalle_jax import images as images_lib
+from dalle_jax import once
 from dalle_jax.data import pipeline
 from dalle_jax.metrics import adherence
 from dalle_jax.models import clip as clip_lib
@@ -141,8 +142,8 @@ class GANTask:
         tokens = jnp.zeros((1, d.context_length, c.token_dim))
         mask = jnp.ones((1, d.context_length), bool)
         images = jnp.zeros((1, c.resolution, c.resolution, 3))
-        return {"generator": self.generator.init(kg, z, cond, kg, tokens, mask)["params"],
-                "discriminator": self.discriminator.init(kd, images, cond)["params"]}
+        return {"generator": once.jit(self.generator.init)(kg, z, cond, kg, tokens, mask)["params"],
+                "discriminator": once.jit(self.discriminator.init)(kd, images, cond)["params"]}
 
     def conditions(self, clip_params, images, tokens):
         """(condition vector, token features, token mask) from the frozen CLIP."""

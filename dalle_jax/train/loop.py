@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_jax import checkpoint as ckpt_lib
+from dalle_jax import once
 from dalle_jax import sharding
 from dalle_jax.data import pipeline
 from dalle_jax.train import optim
@@ -194,7 +195,7 @@ def _build(config, workdir: str, task=None) -> _Run:
     iterator = pipeline.make_iterator(
         pipeline.make_dataset(config.data, jax.process_index(), jax.process_count()),
         num_threads=config.data.num_threads)
-    fresh = lambda: jax.jit(init, out_shardings=shardings)(rng)
+    fresh = lambda: once.jit(init, out_shardings=shardings)(rng)
     meta = {}
     if checkpointer.all_steps():
         state, meta = checkpointer.restore_latest(abstract, iterator)
