@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dalle_jax import once
 from dalle_jax.models import gan
 
 SMALL = dict(channels=(32, 32, 16, 16, 8), d_channels=(8, 16, 32, 32, 32), w_dim=32, z_dim=16,
@@ -20,14 +21,14 @@ def test_generator_and_discriminator_shapes(resolution, upsample, input_res):
     z, cond = jax.random.normal(k, (4, 16)), jax.random.normal(k, (4, 16))
     tokens, mask = jax.random.normal(k, (4, 6, 16)), jnp.ones((4, 6), bool)
     g, d = gan.Generator(config), gan.Discriminator(config)
-    gp = g.init(k, z, cond, k, tokens, mask)["params"]
-    images = g.apply({"params": gp}, z, cond, k, tokens, mask)
+    gp = once.jit(g.init)(k, z, cond, k, tokens, mask)["params"]
+    images = jax.jit(g.apply)({"params": gp}, z, cond, k, tokens, mask)
     assert images.shape == (4, resolution, resolution, 3)
     assert np.isfinite(np.asarray(images)).all()
     assert "b8_xattn" in gp["synthesis"]
     assert gp["synthesis"]["const"].shape[:2] == (input_res, input_res)
-    dp = d.init(k, images, cond)["params"]
-    assert d.apply({"params": dp}, images, cond).shape == (4,)
+    dp = once.jit(d.init)(k, images, cond)["params"]
+    assert jax.jit(d.apply)({"params": dp}, images, cond).shape == (4,)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

@@ -1,5 +1,7 @@
 """The GAN family's step: both players learn, sharding does not change the numbers."""
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -33,7 +35,9 @@ def gan_config(r1_gamma=1.0, **mesh):
         checkpoint_every=100, keep_checkpoints=1, progress_bar=False))
 
 
+@functools.cache
 def clip_parts():
+    """A micro CLIP's parameters and config, initialised once per test process."""
     clip_config = ml_collections.ConfigDict(dict(
         model=dict(variant="micro"), data=dict(image_size=16, context_length=16),
         remat=False, dtype="float32"))
@@ -143,8 +147,8 @@ def test_clipping_each_player_separately():
 
 def test_perceptual_distance_reads_every_layer_of_a_conv_tower():
     """The perceptual term compares every GroupNorm output of CLIP's convolutional tower and its
-    final grid: zero for the same pictures, positive for others, with a gradient that reaches
-    the drawn picture (and none that reaches the real one)."""
+    final grid: zero (up to rounding) for the same pictures, positive for others, with a
+    gradient that reaches the drawn picture (and none that reaches the real one)."""
     clip_config = ml_collections.ConfigDict(dict(
         model=dict(variant="tiny-cnn"), data=dict(image_size=16, context_length=16),
         remat=False, dtype="float32"))
@@ -153,13 +157,14 @@ def test_perceptual_distance_reads_every_layer_of_a_conv_tower():
     k1, k2 = jax.random.split(jax.random.PRNGKey(2))
     fake = jax.random.uniform(k1, (3, 16, 16, 3), minval=-1, maxval=1)
     real = jax.random.uniform(k2, (3, 16, 16, 3), minval=-1, maxval=1)
-    maps = task.feature_maps(clip_params, real)
+    maps = jax.eval_shape(task.feature_maps, clip_params, real)
     assert len(maps) == len(task.clip_model.config.vision_cnn) + 1
     assert [m.shape[1] for m in maps] == [256, 256, 64, 64, 16, 16, 16]
-    assert float(task.perceptual_distance(clip_params, real, real)) == 0.0
-    distance = float(task.perceptual_distance(clip_params, fake, real))
-    assert 0.0 < distance <= 4.0
-    g_fake, g_real = jax.grad(task.perceptual_distance, (1, 2))(clip_params, fake, real)
+    # One compiled program for the values and both gradients (eager, every op compiles alone).
+    distance_and_grads = jax.jit(jax.value_and_grad(task.perceptual_distance, (1, 2)))
+    assert float(distance_and_grads(clip_params, real, real)[0]) < 1e-6  # 0 up to rounding
+    distance, (g_fake, g_real) = distance_and_grads(clip_params, fake, real)
+    assert 0.0 < float(distance) <= 4.0
     assert np.abs(g_fake).max() > 0 and np.abs(g_real).max() == 0
 
 
@@ -225,7 +230,10 @@ def test_text_drop_prob_hides_the_caption_from_cross_attention(tmp_path, drop):
     none dropped: it learns."""
     config = gan_config(r1_gamma=0.0)
     config.model.text_drop_prob = drop
-    config.loss.perceptual_weight = 0.0
+    # The adversarial and reconstruction terms alone: every other term reads the same drawn
+    # picture, and leaving them out shortens the compile.
+    config.loss.update(augment="", perceptual_weight=0.0, clip_weight=0.0,
+                       clip_contrastive_weight=0.0, matching_weight=0.0)
     clip_params, clip_config = clip_parts()
     task = gan_family.GANTask(config, clip_params, clip_config)
     params = task.init_params(jax.random.PRNGKey(0))

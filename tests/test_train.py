@@ -156,7 +156,13 @@ def test_pixel_loss_trains_the_image_tower_and_leaves_the_clip_alone():
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32),
              "tokens": np.asarray(clip_family.Tokenizer()(["a red circle"] * 4, 16))}
-    loss, metrics = task.loss_fn(params, batch, None, {})
+
+    # One compiled program for each task's values and gradients (eager, every op compiles).
+    def loss_and_grads(task, term):
+        loss_fn = lambda p: task.loss_fn(p, batch, None, {})
+        return jax.jit(lambda p: (loss_fn(p), jax.grad(lambda q: loss_fn(q)[1][term])(p)))(params)
+
+    (loss, metrics), grads = loss_and_grads(task, "pixel_loss")
     np.testing.assert_allclose(loss, metrics["contrastive_loss"] + 2.0 * metrics["pixel_loss"],
                                rtol=1e-6)
     redrawn = task.pixel_head.apply({"params": params["pixel_head"]},
@@ -165,10 +171,6 @@ def test_pixel_loss_trains_the_image_tower_and_leaves_the_clip_alone():
     boxes = batch["image"].reshape(4, 4, 4, 4, 4, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(metrics["pixel_loss"], np.mean((redrawn - boxes) ** 2),
                                rtol=1e-5)
-
-    def pixel_only(p):
-        return task.loss_fn(p, batch, None, {})[1]["pixel_loss"]
-    grads = jax.grad(pixel_only)(params)
     norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
     assert norm(grads["visual"]) > 0 and norm(grads["pixel_head"]) > 0
     assert norm(grads["text"]) == 0
@@ -178,10 +180,9 @@ def test_pixel_loss_trains_the_image_tower_and_leaves_the_clip_alone():
     # text_weight: the caption's vector through the same head, whose weights it leaves alone.
     task = loop.build_task(tiny_config("pixel_loss.weight=2.0", "pixel_loss.size=4",
                                        "pixel_loss.text_weight=3.0"))
-    loss, metrics = task.loss_fn(params, batch, None, {})
+    (loss, metrics), grads = loss_and_grads(task, "text_pixel_loss")
     np.testing.assert_allclose(loss, metrics["contrastive_loss"] + 2.0 * metrics["pixel_loss"]
                                + 3.0 * metrics["text_pixel_loss"], rtol=1e-6)
-    grads = jax.grad(lambda p: task.loss_fn(p, batch, None, {})[1]["text_pixel_loss"])(params)
     assert norm(grads["text"]) > 0
     assert norm(grads["visual"]) == 0 and norm(grads["pixel_head"]) == 0
     with pytest.raises(ValueError, match="needs pixel_loss.weight"):
