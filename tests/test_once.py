@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import once
+from dalle_jax import once, sharding
 from dalle_jax.models import layers
 
 
@@ -23,6 +23,8 @@ def test_once_jit_draws_the_same_parameters_and_inlines_under_another_jit():
     outer = jax.jit(lambda r: jax.tree.map(lambda a: a * 2, once.jit(init)(r)))(rng)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 2 * b, rtol=1e-6, atol=1e-7),
                  outer, reference)
-    # Keyword arguments of jax.jit pass through.
-    sharded = once.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    np.testing.assert_array_equal(sharded(rng)["kernel"], ours["kernel"])
+    # Keyword arguments of jax.jit pass through: parameters laid out on the mesh.
+    replicated = sharding.replicated(sharding.make_mesh())
+    sharded = once.jit(init, out_shardings=replicated)(rng)
+    assert sharded["kernel"].sharding.is_equivalent_to(replicated, 2)
+    np.testing.assert_array_equal(sharded["kernel"], ours["kernel"])
