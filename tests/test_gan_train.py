@@ -251,3 +251,59 @@ def task_batch(config):
     from dalle_jax.data import pipeline as data_pipeline
     source = data_pipeline.make_dataset(config.data)
     return jax.tree.map(np.asarray, next(iter(source)))
+
+
+@pytest.mark.parametrize("augment", ["", "color,translation"])
+def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment):
+    """The step runs the discriminator once over the fakes for both players and once over the
+    real batch for both its conditions; its gradients must equal those of the textbook two
+    losses, each player's written apart with the other's values held (the same augmented
+    pictures seen by both, as the step sees them)."""
+    config = gan_config(r1_gamma=0.0)
+    config.model.cross_attention_res = ()
+    config.loss.update(augment=augment, perceptual_weight=0.0, clip_weight=0.0,
+                       clip_contrastive_weight=0.0, matching_weight=0.7, adversarial_weight=0.3,
+                       reconstruction_shift=0)
+    clip_params, clip_config = clip_parts()
+    task = gan_family.GANTask(config, clip_params, clip_config)
+    params = task.init_params(jax.random.PRNGKey(0))
+    batch = task_batch(config)
+    rng = jax.random.PRNGKey(1)
+    lc = config.loss
+
+    def reference(params):
+        real = batch["image"]
+        cond, features, mask = task.conditions(task.frozen["clip"], real, batch["tokens"])
+        k_z, k_noise, _, k_fake, k_real, _ = jax.random.split(rng, 6)
+        z = jax.random.normal(k_z, (real.shape[0], task.gan_config.z_dim))
+        aug = lambda x, k: gan_family.diff_augment(x, k, augment) if augment else x
+        D = lambda dp, x, c: task.discriminator.apply({"params": dp}, x, c)
+        draw = lambda gp: task.generator.apply({"params": gp}, z, cond, k_noise, features, mask)
+
+        def g_loss(gp):
+            fake = draw(gp)
+            adversarial = jax.nn.softplus(-D(params["discriminator"], aug(fake, k_fake), cond))
+            return (lc.adversarial_weight * adversarial.mean()
+                    + lc.reconstruction_weight * ((fake - real) ** 2).mean())
+
+        def d_loss(dp):
+            fake = jax.lax.stop_gradient(draw(params["generator"]))
+            real_seen = aug(real, k_real)
+            return (jax.nn.softplus(D(dp, aug(fake, k_fake), cond)).mean()
+                    + jax.nn.softplus(-D(dp, real_seen, cond)).mean()
+                    + lc.matching_weight * jax.nn.softplus(
+                        D(dp, real_seen, jax.numpy.roll(cond, 1, axis=0))).mean())
+
+        (gl, gg), (dl, dg) = (jax.value_and_grad(g_loss)(params["generator"]),
+                              jax.value_and_grad(d_loss)(params["discriminator"]))
+        return {"generator": gg, "discriminator": dg}, gl, dl
+
+    grads, metrics = jax.jit(task.grad_fn)(params, batch, rng, task.frozen, 1)
+    want, g_loss, d_loss = jax.jit(reference)(params)
+    np.testing.assert_allclose(metrics["g_loss"], g_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["d_loss"], d_loss, rtol=1e-5)
+    for player in ("generator", "discriminator"):
+        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want[player]))
+        assert scale > 0, player
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale),
+                     grads[player], want[player])

@@ -435,7 +435,11 @@ class DiscriminatorBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """(images [B, R, R, 3], condition [B, C]) -> logits [B]."""
+    """(images [B, R, R, 3], condition [B, C]) -> logits [B].
+
+    Conditions [K, B, C] give logits [K, B]: the images under each of K conditions, the
+    convolutional trunk run once (the matching-aware term scores real images under their own
+    and a mismatched condition; only the projection head differs)."""
 
     config: GANConfig
     dtype: Any = jnp.float32
@@ -453,7 +457,8 @@ class Discriminator(nn.Module):
         x = lrelu(EqualizedDense(c.d_channels[-1], name="fc")(x.reshape(x.shape[0], -1)))
         cond = cond / jnp.linalg.norm(cond, axis=-1, keepdims=True).clip(1e-6)
         cond_embed = EqualizedDense(c.d_channels[-1], name="embed_cond")(cond)
-        # Projection: an unconditional score plus <features, embedded condition>.
+        # Projection: an unconditional score plus <features, embedded condition>; x [B, F]
+        # broadcasts against the embedded conditions' leading axes.
         out = EqualizedDense(1, name="out")(x)[:, 0]
         return out + jnp.sum(x * cond_embed, axis=-1) / np.sqrt(x.shape[-1])
 

@@ -16,7 +16,9 @@ et al. 2016; each position's features unit-normalised over channels as in LPIPS,
 an image's complete description here, so the term gives the generator a dense signal from the
 first step, while the adversarial terms keep the edges sharp and the matching-aware term keeps
 the picture faithful to the vector. Both players are updated from the same batch in one
-jitted step.
+jitted step, which runs the discriminator's trunk once per batch of pictures: the fake batch's
+forward serves both players' gradients, and the real batch's serves both the real and the
+mismatched condition.
 """
 
 from __future__ import annotations
@@ -181,7 +183,9 @@ class GANTask:
         lc = self.config.loss
         real, tokens = batch["image"], batch["tokens"]
         b = real.shape[0]
-        k_z, k_noise, k_aug_g, k_aug_f, k_aug_r, k_aug_m = jax.random.split(rng, 6)
+        # Six keys, two no longer used (a step once augmented each D pass apart), so that the
+        # others keep the values earlier runs drew.
+        k_z, k_noise, _, k_aug_f, k_aug_r, _ = jax.random.split(rng, 6)
         cond, token_features, mask = self.conditions(frozen["clip"], real, tokens)
         if self.gan_config.cross_attention_res and self.gan_config.text_drop_prob:
             # Folded in, not split off, so that runs without caption dropout keep their keys.
@@ -192,12 +196,10 @@ class GANTask:
         augment = (lambda x, k: diff_augment(x, k, lc.augment)) if lc.augment else (lambda x, k: x)
         D = lambda dp, x, c: self.discriminator.apply({"params": dp}, x, c)
 
-        def generator_loss(gp):
+        def generator_terms(gp):
+            """The generator's picture and every term of its loss but the adversarial one."""
             fake = self.generator.apply({"params": gp}, z, cond, k_noise, token_features, mask)
-            adversarial = jax.nn.softplus(-D(params["discriminator"], augment(fake, k_aug_g),
-                                              cond)).mean()
-            loss = lc.get("adversarial_weight", 1.0) * adversarial
-            metrics = {"g_adversarial": adversarial}
+            loss, metrics = jnp.zeros(()), {}
             if lc.get("reconstruction_weight", 0.0):
                 # Squared error by default: where the decoder is unsure whether an object
                 # covers a pixel, L1's optimum is the median, the background, so objects never
@@ -225,26 +227,43 @@ class GANTask:
                 contrastive = clip_contrastive_loss(similarity, scale)
                 loss = loss + contrastive_weight * contrastive
                 metrics["clip_contrastive"] = contrastive
-            return loss, (fake, metrics)
+            return (fake, loss), metrics
 
-        (g_loss, (fake, g_metrics)), g_grads = jax.value_and_grad(
-            generator_loss, has_aux=True)(params["generator"])
-        fake = jax.lax.stop_gradient(fake)
+        (fake, g_rest), g_vjp, g_metrics = jax.vjp(generator_terms, params["generator"],
+                                                   has_aux=True)
+        dp = params["discriminator"]
 
-        def discriminator_loss(dp):
-            real_logits = D(dp, augment(real, k_aug_r), cond)
-            fake_logits = D(dp, augment(fake, k_aug_f), cond)
-            loss = jax.nn.softplus(fake_logits).mean() + jax.nn.softplus(-real_logits).mean()
-            metrics = {"d_real": real_logits.mean(), "d_fake": fake_logits.mean()}
+        # One discriminator pass over the fake batch serves both players: the generator's
+        # non-saturating loss softplus(-l) pulls its gradient back to the pictures, the
+        # discriminator's softplus(l) to its weights (the two gradients of one forward,
+        # where a step written as two losses runs that forward twice). The same (augmented)
+        # fakes are seen by both.
+        fake_logits, fake_vjp = jax.vjp(lambda p, x: D(p, augment(x, k_aug_f), cond), dp, fake)
+        adversarial_weight = lc.get("adversarial_weight", 1.0)
+        adversarial = jax.nn.softplus(-fake_logits).mean()
+        fake_grad = fake_vjp(-adversarial_weight * jax.nn.sigmoid(-fake_logits) / b)[1]
+        d_fake_grads = fake_vjp(jax.nn.sigmoid(fake_logits) / b)[0]
+        g_grads = g_vjp((fake_grad, jnp.ones(())))[0]
+        g_loss = adversarial_weight * adversarial + g_rest
+        g_metrics = {"g_adversarial": adversarial, **g_metrics}
+
+        def real_loss(p):
+            # The matching-aware term (a real image under another's condition is a negative)
+            # scores the same real batch under a second condition: one trunk, two heads.
+            conds = (jnp.stack([cond, jnp.roll(cond, 1, axis=0)]) if lc.matching_weight
+                     else cond[None])
+            logits = D(p, augment(real, k_aug_r), conds)
+            loss = jax.nn.softplus(-logits[0]).mean()
+            metrics = {"d_real": logits[0].mean()}
             if lc.matching_weight:
-                mismatched = jnp.roll(cond, 1, axis=0)
-                mismatch_logits = D(dp, augment(real, k_aug_m), mismatched)
-                loss = loss + lc.matching_weight * jax.nn.softplus(mismatch_logits).mean()
-                metrics["d_mismatch"] = mismatch_logits.mean()
+                loss = loss + lc.matching_weight * jax.nn.softplus(logits[1]).mean()
+                metrics["d_mismatch"] = logits[1].mean()
             return loss, metrics
 
-        (d_loss, d_metrics), d_grads = jax.value_and_grad(
-            discriminator_loss, has_aux=True)(params["discriminator"])
+        (d_real_loss, d_metrics), d_real_grads = jax.value_and_grad(real_loss, has_aux=True)(dp)
+        d_loss = jax.nn.softplus(fake_logits).mean() + d_real_loss
+        d_metrics["d_fake"] = fake_logits.mean()
+        d_grads = jax.tree.map(jnp.add, d_fake_grads, d_real_grads)
 
         def r1_grads(dp):
             def penalty(dp):
