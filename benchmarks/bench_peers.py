@@ -86,8 +86,11 @@ PAIRS = {
     "gan": dict(
         title="GAN decoder G+D / gigagan-pytorch G+D", goal=2.0, batch=(16, 64),
         # The shipped decoder's architecture (configs/shapes_gan.py); the matching-aware
-        # discriminator term off, so that both steps run the same three D passes, and CLIP
-        # guidance off (the peer has no frozen CLIP to run).
+        # discriminator term off (the peer has none) and CLIP guidance off (the peer has no
+        # frozen CLIP to run). Both steps train G and D once on the same losses; the peer's
+        # (gigagan's train_*_step) runs D forward three times, ours twice: one pass over
+        # the fakes serves both players (two vjps of one forward), so our step counts fewer
+        # FLOPs per image than the peer's while the models match in size.
         ours=dict(),
         peer=dict(which="gigagan", model=dict(dim_capacity=8, dim_max=512, dim_latent=64,
                                               style_dim=128, style_depth=2, d_dim_capacity=12,
@@ -483,14 +486,15 @@ def profile(name: str, b: int, reps: int):
     t_grad = _time(lambda: grads(params), reps)
     # The forward alone: the loss of the same function with gradients stopped at the output.
     if name == "gan":
-        # Both players' losses forward (G, D on fake for G; D on real and fake for D).
+        # Both players' losses forward: G, then D once on the fakes (the step shares that
+        # pass between the players) and once on the real batch.
         def forward(p):
             fake = task.generator.apply({"params": p["generator"]},
                                         jnp.zeros((b, task.gan_config.z_dim)),
                                         frozen["clip"]["cond"], rng)
             d = lambda x: task.discriminator.apply({"params": p["discriminator"]}, x,
                                                    frozen["clip"]["cond"])
-            return d(fake).sum() + d(fake).sum() + d(batch["image"]).sum()
+            return d(fake).sum() + d(batch["image"]).sum()
     elif name == "clip":
         forward = lambda p: task.loss_fn(p, batch, rng, frozen)[0]
     else:

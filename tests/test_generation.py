@@ -101,6 +101,29 @@ def test_rerank_keeps_the_candidate_clip_scores_highest(pipe, model_file):
             pipe.generate(PROMPTS[:1], rerank=bad)
 
 
+def test_a_repeated_call_traces_and_compiles_nothing(pipe):
+    """Compiled once per shape: a second call with the same shapes and options (another seed)
+    runs the programs of the first. A jit built afresh inside a call (as the picture keys'
+    fold once was) would be traced, lowered and compiled again on every call."""
+    traces = []
+    listener = lambda event, secs, **_: traces.append(event) if event in (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/backend_compile_duration") else None
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    calls = [lambda seed: pipe.generate(PROMPTS, num_per_prompt=2, seed=seed, rerank=2),
+             lambda seed: pipe.variations(image[None], num=2, seed=seed),
+             lambda seed: pipe.interpolate(image, image[::-1], steps=3, seed=seed),
+             lambda seed: pipe.edit(image, "a red circle", "a blue circle", seed=seed)]
+    for call in calls:
+        call(1)
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            call(2)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert traces == [], traces
+
+
 def test_variations_interpolate_edit(pipe):
     source = pipe.generate(PROMPTS[:2], seed=1)
     var = pipe.variations(source, num=3, seed=2)
