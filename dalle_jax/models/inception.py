@@ -48,17 +48,44 @@ class ConvBN(nn.Module):
         mean = self.param("mean", nn.initializers.zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
         scale = jax.lax.rsqrt(var + BN_EPSILON)
-        (ph, pw) = self.padding
         kernel = (kernel * scale).astype(x.dtype)
-        if self.kernel == (1, 1) and self.stride == 1:
-            # A 1x1 convolution is a matmul over channels; XLA's CPU convolution runs it ~3x
-            # slower than its matmul (benchmarks/RESULTS.md, FID Inception).
-            y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=self.precision)
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, (self.stride, self.stride), ((ph, ph), (pw, pw)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+        y = _conv(x, kernel, self.stride, self.padding, self.precision)
         return nn.relu(y + (beta - mean * scale).astype(x.dtype))
+
+
+def _conv(x, kernel, stride: int, padding: tuple[int, int], precision):
+    """The convolution of ConvBN, equal to `lax.conv_general_dilated` (NHWC, HWIO) with
+    `padding` on both sides of each axis. A 1x1 convolution is a matmul over channels (XLA's
+    CPU convolution ran it ~3x slower than its matmul). On CPUs two more forms run faster than
+    XLA's convolution (batch 16, `benchmarks/RESULTS.md`, session 19):
+      * stride 1 without padding (conv_1 at 149 px, conv_4 at 73 px): XLA:CPU takes a slow path
+        for unpadded convolutions, so the 'same'-padded one runs and its border is cropped
+        (2.2-3x; the kept outputs are the same sums);
+      * stride 2 on maps of 32 px or more (the first conv, and the 35 -> 17 reduction): the
+        nine strided views side by side and one matmul (im2col, ~2x).
+    Other devices get XLA's convolution, whose libraries handle every case."""
+    kh, kw = kernel.shape[:2]
+    ph, pw = padding
+    if (kh, kw) == (1, 1) and stride == 1:
+        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=precision)
+    if jax.default_backend() == "cpu":
+        if stride == 1 and (ph, pw) == (0, 0) and kh % 2 and kw % 2:
+            y = _xla_conv(x, kernel, 1, (kh // 2, kw // 2), precision)
+            return y[:, kh // 2:y.shape[1] - kh // 2, kw // 2:y.shape[2] - kw // 2]
+        if stride == 2 and (ph, pw) == (0, 0) and min(x.shape[1:3]) >= 32:
+            ho, wo = (x.shape[1] - kh) // 2 + 1, (x.shape[2] - kw) // 2 + 1
+            cols = jnp.concatenate([x[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2]
+                                    for i in range(kh) for j in range(kw)], axis=-1)
+            return jnp.einsum("bhwk,kd->bhwd", cols, kernel.reshape(-1, kernel.shape[-1]),
+                              precision=precision)
+    return _xla_conv(x, kernel, stride, padding, precision)
+
+
+def _xla_conv(x, kernel, stride, padding, precision):
+    (ph, pw) = padding
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
 
 
 def avg_pool_3x3(x):
