@@ -49,6 +49,27 @@ def _torch_apply(torch, module, x_nhwc):
     return y.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding, cin, cout", [
+    (11, (3, 3), 1, (0, 0), 4, 5),    # unpadded: the padded conv, border cropped (on CPUs)
+    (9, (1, 7), 1, (0, 3), 4, 5),     # padded: XLA's own
+    (33, (3, 3), 2, (0, 0), 3, 6),    # stride 2 on a large map: im2col (on CPUs)
+    (34, (3, 3), 2, (0, 0), 3, 6),    # even side: the last row and column unused
+    (17, (3, 3), 2, (0, 0), 4, 5),    # stride 2 on a small map: XLA's own
+    (7, (1, 1), 1, (0, 0), 4, 5),     # 1x1: a matmul
+])
+def test_conv_forms_equal_lax(size, kernel, stride, padding, cin, cout):
+    """Whatever form ConvBN's convolution takes, it computes lax.conv_general_dilated's."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, cin))
+    w = jax.random.normal(jax.random.PRNGKey(1), (*kernel, cin, cout))
+    hi = jax.lax.Precision.HIGHEST
+    want = jax.lax.conv_general_dilated(x, w, (stride, stride),
+                                        [(p, p) for p in padding],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi)
+    got = jax.jit(inception._conv, static_argnums=(2, 3, 4))(x, w, stride, padding, hi)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_converted_weights_are_the_archives_tensors(params, weights, source):
     flat = torch_archive.load(source)
     conv = flat["net.layers.mixed_4.tower.conv_1.weight"]  # OIHW [128, 128, 1, 7]
