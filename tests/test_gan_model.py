@@ -141,6 +141,24 @@ def test_conv2d_values_and_gradients_equal_lax(kernel, cin, cout, batch, chunk, 
                                atol=1e-3)
 
 
+@pytest.mark.parametrize("side, cin, cout", [(4, 3, 5), (5, 6, 2), (12, 64, 3), (12, 6, 3)])
+def test_upsample_conv2d_equals_conv_of_the_upsampled_map(side, cin, cout):
+    """The four 2x2 phase convolutions compute conv2d(upsample2x(x), w): values and both
+    gradients (odd and even sides; the last case, 12 px with few channels, takes the direct
+    form, the others the phase form)."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(4))
+    x = jax.random.normal(kx, (3, side, side + 2, cin))
+    w = jax.random.normal(kw, (3, 3, cin, cout))
+    direct = lambda x, w: gan.conv2d(gan.upsample2x(x), w)
+    np.testing.assert_allclose(gan.upsample_conv2d(x, w), direct(x, w), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gan._upsample_conv_subpixel(x, w), direct(x, w), rtol=1e-5,
+                               atol=1e-4)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+    for f in (gan.upsample_conv2d, gan._upsample_conv_subpixel):
+        for a, b in zip(jax.grad(loss(f), (0, 1))(x, w), jax.grad(loss(direct), (0, 1))(x, w)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("synthesis", ["style", "conv"])
 def test_cross_attention_reads_tokens_and_an_empty_mask_leaves_it_out(synthesis):
     """With tokens the picture depends on them; a row with no token (a dropped caption, a

@@ -34,7 +34,7 @@ import numpy as np
 from dalle_jax import diffusion, once
 from dalle_jax.models import layers
 from dalle_jax.models.flow_prior import timestep_embedding
-from dalle_jax.models.gan import conv2d, upsample2x
+from dalle_jax.models.gan import conv2d, upsample_conv2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +79,14 @@ class Conv3x3(nn.Module):
 
     features: int
     zero_init: bool = False
+    upsample: bool = False  # convolve x's nearest 2x upsampling (`gan.upsample_conv2d`)
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
         w = self.param("kernel", init, (3, 3, x.shape[-1], self.features))
-        return conv2d(x, w) + self.param("bias", nn.initializers.zeros, (self.features,))
+        conv = upsample_conv2d if self.upsample else conv2d
+        return conv(x, w) + self.param("bias", nn.initializers.zeros, (self.features,))
 
 
 class ResBlock(nn.Module):
@@ -174,7 +176,7 @@ class UNet(nn.Module):
                 h = ResBlock(ch * c.channel_mult[level], groups, name=f"up{level}_res{i}")(h, emb)
                 h = attend(h, f"up{level}_attn{i}")
             if level > 0:
-                h = Conv3x3(h.shape[-1], name=f"up{level}_resample")(upsample2x(h))
+                h = Conv3x3(h.shape[-1], upsample=True, name=f"up{level}_resample")(h)
         h = nn.silu(nn.GroupNorm(groups, name="norm_out")(h))
         return Conv3x3(3, zero_init=True, name="conv_out")(h)
 
