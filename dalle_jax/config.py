@@ -125,6 +125,7 @@ SCHEMAS: dict[str, dict] = {
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "clip_contrastive_weight": _opt(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
+                     "matching_negatives": _opt(str, choices=("other", "counterfactual")),
                      "r1_gamma": Field(float, minimum=0), "r1_interval": Field(int, minimum=1),
                      "reconstruction": _opt(str, choices=("l1", "l2")),
                      "reconstruction_weight": _opt(float, minimum=0),

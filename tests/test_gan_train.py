@@ -253,17 +253,20 @@ def task_batch(config):
     return jax.tree.map(np.asarray, next(iter(source)))
 
 
-@pytest.mark.parametrize("augment", ["", "color,translation"])
-def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment):
+@pytest.mark.parametrize("augment,negatives", [("", "other"), ("color,translation", "other"),
+                                               ("", "counterfactual")])
+def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment, negatives):
     """The step runs the discriminator once over the fakes for both players and once over the
-    real batch for both its conditions; its gradients must equal those of the textbook two
+    real batch for all its conditions; its gradients must equal those of the textbook two
     losses, each player's written apart with the other's values held (the same augmented
-    pictures seen by both, as the step sees them)."""
+    pictures seen by both, as the step sees them). With counterfactual negatives the
+    matching-aware term is the mean over the neighbour's condition and the minimal-pair
+    partner's (the batch's rows i and i + 8 here)."""
     config = gan_config(r1_gamma=0.0)
     config.model.cross_attention_res = ()
     config.loss.update(augment=augment, perceptual_weight=0.0, clip_weight=0.0,
                        clip_contrastive_weight=0.0, matching_weight=0.7, adversarial_weight=0.3,
-                       reconstruction_shift=0)
+                       reconstruction_shift=0, matching_negatives=negatives)
     clip_params, clip_config = clip_parts()
     task = gan_family.GANTask(config, clip_params, clip_config)
     params = task.init_params(jax.random.PRNGKey(0))
@@ -289,10 +292,13 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
         def d_loss(dp):
             fake = jax.lax.stop_gradient(draw(params["generator"]))
             real_seen = aug(real, k_real)
+            wrong = [jax.numpy.roll(cond, 1, axis=0)]
+            if negatives == "counterfactual":
+                wrong.append(jax.numpy.concatenate([cond[8:], cond[:8]]))
+            mismatch = sum(jax.nn.softplus(D(dp, real_seen, c)).mean() for c in wrong)
             return (jax.nn.softplus(D(dp, aug(fake, k_fake), cond)).mean()
                     + jax.nn.softplus(-D(dp, real_seen, cond)).mean()
-                    + lc.matching_weight * jax.nn.softplus(
-                        D(dp, real_seen, jax.numpy.roll(cond, 1, axis=0))).mean())
+                    + lc.matching_weight * mismatch / len(wrong))
 
         (gl, gg), (dl, dg) = (jax.value_and_grad(g_loss)(params["generator"]),
                               jax.value_and_grad(d_loss)(params["discriminator"]))
@@ -307,3 +313,12 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
         assert scale > 0, player
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale),
                      grads[player], want[player])
+
+
+def test_counterfactual_negatives_need_minimal_pairs():
+    config = gan_config()
+    config.data.minimal_pairs = False
+    config.loss.matching_negatives = "counterfactual"
+    with pytest.raises(ValueError, match="needs data.minimal_pairs=True"):
+        gan_family.GANTask(config, *clip_parts())
+

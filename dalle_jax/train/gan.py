@@ -123,6 +123,14 @@ def clip_contrastive_loss(similarity, logit_scale):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def minimal_pair_partners(x, processes: int):
+    """Each row's minimal-pair partner in a global batch built with `data.minimal_pairs`: the
+    batch is `processes` host slices, each its scenes then their counterfactuals in the same
+    order (data/pipeline.py), so row i of a slice's first half pairs with row i of its second."""
+    b = x.shape[0]
+    return x.reshape(processes, 2, b // (2 * processes), *x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
@@ -135,6 +143,14 @@ class GANTask:
             self.clip_model.config.text_width)
         self.generator = gan_lib.Generator(self.gan_config)
         self.discriminator = gan_lib.Discriminator(self.gan_config)
+        negatives = config.loss.get("matching_negatives", "other")
+        if negatives not in ("other", "counterfactual"):
+            raise ValueError(f"loss.matching_negatives must be other or counterfactual, got "
+                             f"{negatives!r}")
+        if negatives == "counterfactual" and not config.data.get("minimal_pairs"):
+            raise ValueError("loss.matching_negatives=counterfactual needs data.minimal_pairs="
+                             "True (the batch must hold each scene's counterfactual)")
+        self.counterfactual_negatives = negatives == "counterfactual"
 
     def init_params(self, rng):
         c, d = self.gan_config, self.config.data
@@ -250,14 +266,20 @@ class GANTask:
         def real_loss(p):
             # The matching-aware term (a real image under another's condition is a negative)
             # scores the same real batch under a second condition: one trunk, two heads.
-            conds = (jnp.stack([cond, jnp.roll(cond, 1, axis=0)]) if lc.matching_weight
-                     else cond[None])
-            logits = D(p, augment(real, k_aug_r), conds)
+            # With matching_negatives "counterfactual" the negatives are the neighbour's
+            # condition and the scene's minimal-pair partner's (data.minimal_pairs: the same
+            # picture but for its shape), the term their mean.
+            others = [jnp.roll(cond, 1, axis=0)] if lc.matching_weight else []
+            if lc.matching_weight and self.counterfactual_negatives:
+                others.append(minimal_pair_partners(cond, jax.process_count()))
+            logits = D(p, augment(real, k_aug_r), jnp.stack([cond, *others]))
             loss = jax.nn.softplus(-logits[0]).mean()
             metrics = {"d_real": logits[0].mean()}
-            if lc.matching_weight:
-                loss = loss + lc.matching_weight * jax.nn.softplus(logits[1]).mean()
+            if others:
+                loss = loss + lc.matching_weight * jax.nn.softplus(logits[1:]).mean()
                 metrics["d_mismatch"] = logits[1].mean()
+                if len(others) > 1:
+                    metrics["d_counterfactual"] = logits[2].mean()
             return loss, metrics
 
         (d_real_loss, d_metrics), d_real_grads = jax.value_and_grad(real_loss, has_aux=True)(dp)
