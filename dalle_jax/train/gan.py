@@ -265,7 +265,7 @@ class GANTask:
 
         def real_loss(p):
             # The matching-aware term (a real image under another's condition is a negative)
-            # scores the same real batch under a second condition: one trunk, two heads.
+            # scores the same real batch under other conditions: one trunk, a head for each.
             # With matching_negatives "counterfactual" the negatives are the neighbour's
             # condition and the scene's minimal-pair partner's (data.minimal_pairs: the same
             # picture but for its shape), the term their mean.
