@@ -66,6 +66,10 @@ def get_config():
     # drawn picture and the condition): the squared error barely tells a rounded square from a
     # circle, CLIP does. Decoder-alone adherence at step 4,500: 66 / 58% at weight 5, 59 / 58% at
     # 2, 45 / 42% without; the squared error unchanged (benchmarks/RESULTS.md, session 12).
+    # matching_negatives="counterfactual" with decoder.data.minimal_pairs=True adds each scene's
+    # other-shape counterfactual as a negative of the matching-aware term: held-out one-object
+    # adherence 63.5 -> 68.9%, seen 68.1 -> 67.8%, but FID 81 -> 104 (benchmarks/RESULTS.md,
+    # session 20); not yet the default.
     c.decoder.loss = dict(augment="", clip_weight=5.0, matching_weight=1.0, r1_gamma=0.0,
                           r1_interval=16, reconstruction="l2", reconstruction_weight=10.0,
                           adversarial_weight=0.1, perceptual_weight=0.0)
