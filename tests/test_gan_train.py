@@ -321,4 +321,3 @@ def test_counterfactual_negatives_need_minimal_pairs():
     config.loss.matching_negatives = "counterfactual"
     with pytest.raises(ValueError, match="needs data.minimal_pairs=True"):
         gan_family.GANTask(config, *clip_parts())
-
