@@ -76,16 +76,17 @@ def test_minimal_pairs_put_each_scene_beside_its_counterfactual():
         np.testing.assert_array_equal(part["image"][2:], batch["image"][4 + 2 * p:6 + 2 * p])
     # The GAN's counterfactual negatives (train/gan.py) pair each row with its partner in the
     # global batch the hosts' slices make, one host or two.
-    from dalle_jax.train.gan import minimal_pair_partners
     rows = np.arange(8)
-    np.testing.assert_array_equal(minimal_pair_partners(rows, 1), [4, 5, 6, 7, 0, 1, 2, 3])
+    np.testing.assert_array_equal(pipeline.minimal_pair_partners(rows, 1),
+                                  [4, 5, 6, 7, 0, 1, 2, 3])
     assembled = np.concatenate([part["image"] for part in parts])
-    partners = minimal_pair_partners(assembled, 2)
+    partners = pipeline.minimal_pair_partners(assembled, 2)
     for p in range(2):
         for i in range(2):
             np.testing.assert_array_equal(partners[4 * p + i], parts[p]["image"][2 + i])
             np.testing.assert_array_equal(partners[4 * p + 2 + i], parts[p]["image"][i])
-    np.testing.assert_array_equal(minimal_pair_partners(batch["image"], 1)[:4], batch["image"][4:])
+    np.testing.assert_array_equal(pipeline.minimal_pair_partners(batch["image"], 1)[:4],
+                                  batch["image"][4:])
 
 
 def _data_config():

@@ -115,6 +115,14 @@ class ShapesBatches:
         return images, [sc.caption for sc in scenes], keys
 
 
+def minimal_pair_partners(x, processes: int):
+    """Each row's minimal-pair partner in a global batch built with `data.minimal_pairs`: the
+    batch is `processes` host slices, each its scenes then their counterfactuals in the same
+    order (`ShapesBatches`), so row i of a slice's first half pairs with row i of its second."""
+    b = x.shape[0]
+    return x.reshape(processes, 2, b // (2 * processes), *x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
 def hard_negative(caption: str, rng: np.random.Generator) -> str:
     """The caption with one stated attribute changed (for two objects: a colour or shape
     changed, the colours swapped, or the relation reversed), so that the contrastive loss

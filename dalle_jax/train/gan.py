@@ -123,14 +123,6 @@ def clip_contrastive_loss(similarity, logit_scale):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def minimal_pair_partners(x, processes: int):
-    """Each row's minimal-pair partner in a global batch built with `data.minimal_pairs`: the
-    batch is `processes` host slices, each its scenes then their counterfactuals in the same
-    order (data/pipeline.py), so row i of a slice's first half pairs with row i of its second."""
-    b = x.shape[0]
-    return x.reshape(processes, 2, b // (2 * processes), *x.shape[1:])[:, ::-1].reshape(x.shape)
-
-
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
@@ -143,14 +135,11 @@ class GANTask:
             self.clip_model.config.text_width)
         self.generator = gan_lib.Generator(self.gan_config)
         self.discriminator = gan_lib.Discriminator(self.gan_config)
-        negatives = config.loss.get("matching_negatives", "other")
-        if negatives not in ("other", "counterfactual"):
-            raise ValueError(f"loss.matching_negatives must be other or counterfactual, got "
-                             f"{negatives!r}")
-        if negatives == "counterfactual" and not config.data.get("minimal_pairs"):
+        # (Its values are the config schema's to check; this needs another field too.)
+        self.counterfactual_negatives = config.loss.get("matching_negatives") == "counterfactual"
+        if self.counterfactual_negatives and not config.data.get("minimal_pairs"):
             raise ValueError("loss.matching_negatives=counterfactual needs data.minimal_pairs="
                              "True (the batch must hold each scene's counterfactual)")
-        self.counterfactual_negatives = negatives == "counterfactual"
 
     def init_params(self, rng):
         c, d = self.gan_config, self.config.data
@@ -271,7 +260,7 @@ class GANTask:
             # picture but for its shape), the term their mean.
             others = [jnp.roll(cond, 1, axis=0)] if lc.matching_weight else []
             if lc.matching_weight and self.counterfactual_negatives:
-                others.append(minimal_pair_partners(cond, jax.process_count()))
+                others.append(pipeline.minimal_pair_partners(cond, jax.process_count()))
             logits = D(p, augment(real, k_aug_r), jnp.stack([cond, *others]))
             loss = jax.nn.softplus(-logits[0]).mean()
             metrics = {"d_real": logits[0].mean()}
