@@ -106,11 +106,12 @@ SCHEMAS: dict[str, dict] = {
              "pixel_loss": Block({"weight": _opt(float, minimum=0),
                                   "text_weight": _opt(float, minimum=0),
                                   "size": _opt(int, minimum=1)})},
-    # dalle_jax/train/prior.py
-    "prior": {**_TRAINING, "model": {"width": Field(int, minimum=1), "depth": Field(int, minimum=1),
+    # dalle_jax/train/prior.py (import_from: a pipeline model file whose prior is used as it is)
+    "prior": {**_TRAINING, "import_from": _opt(str), "model": {"width": Field(int, minimum=1), "depth": Field(int, minimum=1),
                                      "sample_steps": Field(int, minimum=1)}},
     # dalle_jax/train/gan.py
-    "gan": {**_TRAINING,
+    # (init_from: a pipeline model file, or shipped:gan, whose generator starts the run)
+    "gan": {**_TRAINING, "init_from": _opt(str),
             "model": {"z_dim": Field(int, minimum=1), "w_dim": Field(int, minimum=1),
                       "mapping_layers": Field(int, minimum=1),
                       "mapping_lr_mul": _opt(float, minimum=0), "input_from_w": _opt(bool),
@@ -135,7 +136,7 @@ SCHEMAS: dict[str, dict] = {
                      "perceptual_weight": _opt(float, minimum=0)}},
     # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and
     # models/unet.py UNetConfig; the sizes CLIP fixes are filled in)
-    "diffusion_prior": {**_TRAINING, "eval": _DIFFUSION_EVAL,
+    "diffusion_prior": {**_TRAINING, "import_from": _opt(str), "eval": _DIFFUSION_EVAL,
                         "model": Block({"width": _opt(int, minimum=1), "depth": _opt(int, minimum=1),
                                         "num_heads": _opt(int, minimum=1), **_DIFFUSION})},
     "diffusion_decoder": {**_TRAINING, "eval": _DIFFUSION_EVAL, "model": Block({

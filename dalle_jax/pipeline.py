@@ -69,6 +69,12 @@ def shipped_path(generator: str = "gan") -> str:
     return str(importlib.resources.files("dalle_jax") / "assets" / SHIPPED[generator])
 
 
+def model_file(source: str) -> str:
+    """A model file named as a config names one: `shipped:gan` (or `shipped:unclip`) is the
+    package's own; anything else is a path."""
+    return shipped_path(source.split(":", 1)[1]) if source.startswith("shipped:") else source
+
+
 def slerp(a, b, t):
     """Spherical interpolation between unit vectors a and b (rows), t in [0, 1]."""
     a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)

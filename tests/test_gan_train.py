@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from dalle_jax import sharding
+from dalle_jax import bundle, sharding
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import gan as gan_family
 from dalle_jax.train import loop, optim
@@ -321,3 +321,52 @@ def test_counterfactual_negatives_need_minimal_pairs():
     config.loss.matching_negatives = "counterfactual"
     with pytest.raises(ValueError, match="needs data.minimal_pairs=True"):
         gan_family.GANTask(config, *clip_parts())
+
+
+def pipeline_configs(generator):
+    """What a model file's configs must hold to load (their contents unread here)."""
+    return {"generator": generator, **{k: {} for k in ("clip", "prior", "decoder")}}
+
+
+def test_init_from_starts_the_generator_from_a_model_file_and_the_discriminator_fresh(tmp_path):
+    clip_params, clip_config = clip_parts()
+    config = gan_config()
+    fresh = gan_family.GANTask(config, clip_params, clip_config).init_params(
+        jax.random.PRNGKey(3))
+    # A "trained" generator: every weight moved off its initial value.
+    trained = jax.tree.map(lambda x: np.asarray(x) + 0.25, fresh["generator"])
+    path = str(tmp_path / "model.npz")
+    bundle.export(path, pipeline_configs("gan"), {"generator": trained})
+    config.init_from = path
+    task = gan_family.GANTask(config, clip_params, clip_config)
+    _, task, _, state, _, ckpt = loop.setup(config, str(tmp_path / "run"), task)
+    ckpt.close()
+    start = jax.device_get(state.params)
+    for got, want in zip(jax.tree.leaves(start["generator"]), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(jax.tree.leaves(jax.device_get(state.ema_params["generator"])),
+                         jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(got, want)
+    # The discriminator is the config seed's fresh one, as without init_from.
+    plain = gan_family.GANTask(gan_config(), clip_params, clip_config).init_params(
+        jax.random.split(jax.random.PRNGKey(config.seed))[0])
+    for got, want in zip(jax.tree.leaves(start["discriminator"]),
+                         jax.tree.leaves(plain["discriminator"])):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_init_from_names_the_first_parameter_that_does_not_fit(tmp_path):
+    clip_params, clip_config = clip_parts()
+    config = gan_config()
+    config.model.w_dim = 24
+    other = gan_family.GANTask(config, clip_params, clip_config).init_params(
+        jax.random.PRNGKey(0))
+    path = str(tmp_path / "model.npz")
+    bundle.export(path, pipeline_configs("gan"), {"generator": other["generator"]})
+    config = gan_config()
+    config.init_from = path
+    with pytest.raises(bundle.BundleError, match=r"does not fit decoder.model here \(parameter "):
+        gan_family.GANTask(config, clip_params, clip_config)
+    bundle.export(path, pipeline_configs("unclip"), {"decoder": {"w": np.zeros(3, np.float32)}})
+    with pytest.raises(bundle.BundleError, match="holds a unclip model, not a GAN generator"):
+        gan_family.GANTask(config, clip_params, clip_config)

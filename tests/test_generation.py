@@ -392,3 +392,33 @@ def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
     meta, params = bundle.load(str(model))
     np.testing.assert_array_equal(params["generator"]["synthesis"]["const"],
                                   pipe.params["generator"]["synthesis"]["const"])
+
+
+def test_a_new_decoder_on_a_model_files_clip_and_prior(tmp_path, model_file):
+    """clip.import_from, prior.import_from and decoder.init_from on one model file: nothing but
+    the generator trains, and the new file carries the old CLIP and prior unchanged."""
+    run = [f"decoder.{k}" for k in ("total_steps=1", "eval_every=0", "progress_bar=False",
+                                    "data.global_batch=8")]
+    config = config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), SMALL + run + [
+        f"clip.import_from={model_file}", f"prior.import_from={model_file}",
+        f"decoder.init_from={model_file}"])
+    path = stages.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["decoder", "model.npz"]  # no clip or prior run
+    old_meta, old = bundle.load(model_file)
+    new_meta, new = bundle.load(path)
+    for part in ("clip", "prior"):
+        for a, b in zip(jax.tree.leaves(old[part]), jax.tree.leaves(new[part])):
+            np.testing.assert_array_equal(a, b)
+    assert new_meta["configs"]["prior"] == old_meta["configs"]["prior"]
+    # The generator went on from the file's (one step, EMA 0.995), not from a fresh start.
+    a, b = old["generator"]["synthesis"]["const"], new["generator"]["synthesis"]["const"]
+    assert np.abs(a - b).max() < 1e-2 < np.abs(a).mean()
+
+    # A prior belongs to the CLIP it was trained on.
+    config = config_lib.apply_overrides(config, ["clip.import_from=shipped:gan"])
+    with pytest.raises(bundle.BundleError, match="needs clip.import_from="):
+        stages.prior_from_model(config)
+    config = config_lib.apply_overrides(config, [f"clip.import_from={model_file}",
+                                                 "prior.model.width=48"])
+    with pytest.raises(bundle.BundleError, match=r"holds a prior with prior\.model="):
+        stages.prior_from_model(config)

@@ -123,6 +123,30 @@ def clip_contrastive_loss(similarity, logit_scale):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def generator_from_model(source: str, expected) -> dict:
+    """The generator weights of a pipeline model file (`shipped:gan`: the package's), to start
+    a run from; `expected` is the generator's abstract parameter tree under this config, which
+    the file's must match leaf for leaf. Raises BundleError (one line) otherwise."""
+    from dalle_jax import bundle
+    from dalle_jax.pipeline import model_file
+    path = model_file(source)
+    meta, params = bundle.load(path)
+    if meta["configs"].get("generator") != "gan" or "generator" not in params:
+        raise bundle.BundleError(f"decoder.init_from={source}: {path} holds a "
+                                 f"{meta['configs'].get('generator')} model, not a GAN generator")
+    have = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(params["generator"])[0]}
+    want = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            raise bundle.BundleError(
+                f"decoder.init_from={source}: its generator does not fit decoder.model here "
+                f"(parameter {key}: {have.get(key)} in the file, {want.get(key)} here); give "
+                "the config the file was trained with")
+    return params["generator"]
+
+
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
@@ -140,16 +164,29 @@ class GANTask:
         if self.counterfactual_negatives and not config.data.get("minimal_pairs"):
             raise ValueError("loss.matching_negatives=counterfactual needs data.minimal_pairs="
                              "True (the batch must hold each scene's counterfactual)")
+        self.initial_generator = None
+        if config.get("init_from"):
+            self.initial_generator = generator_from_model(
+                config.init_from, jax.eval_shape(self._init_generator, jax.random.PRNGKey(0)))
 
-    def init_params(self, rng):
+    def _init_generator(self, rng):
         c, d = self.gan_config, self.config.data
-        kg, kd = jax.random.split(rng)
         z = jnp.zeros((1, c.z_dim))
         cond = jnp.ones((1, c.cond_dim))
         tokens = jnp.zeros((1, d.context_length, c.token_dim))
         mask = jnp.ones((1, d.context_length), bool)
+        return self.generator.init(rng, z, cond, rng, tokens, mask)["params"]
+
+    def init_params(self, rng):
+        """Fresh players; with `init_from`, the generator is that model file's (fine-tuning),
+        the discriminator fresh all the same (a model file holds none)."""
+        c = self.gan_config
+        kg, kd = jax.random.split(rng)
         images = jnp.zeros((1, c.resolution, c.resolution, 3))
-        return {"generator": once.jit(self.generator.init)(kg, z, cond, kg, tokens, mask)["params"],
+        cond = jnp.ones((1, c.cond_dim))
+        generator = (once.jit(self._init_generator)(kg) if self.initial_generator is None else
+                     jax.tree.map(jnp.asarray, self.initial_generator))
+        return {"generator": generator,
                 "discriminator": once.jit(self.discriminator.init)(kd, images, cond)["params"]}
 
     def conditions(self, clip_params, images, tokens):

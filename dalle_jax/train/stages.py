@@ -62,36 +62,60 @@ def frozen_clip(config, workdir: str):
 def clip_from_model(source: str, clip_config) -> dict:
     """The frozen CLIP of a pipeline model file, so that two generators can share one CLIP
     (the unCLIP config stands on the shipped GAN model's). Its CLIP config must be this one's."""
-    if source.startswith("shipped:"):
-        from dalle_jax.pipeline import shipped_path
-        source = shipped_path(source.split(":", 1)[1])
-    meta, params = bundle.load(source)
-    stored = meta["configs"]["clip"]
-    wanted = json.loads(clip_config.to_json_best_effort())
-    for key in ("model", "data.image_size", "data.context_length"):
+    return _section_of_model(source, "clip", clip_config,
+                             ("model", "data.image_size", "data.context_length"))
+
+
+def prior_from_model(config) -> tuple[dict, dict]:
+    """(parameters, config as stored) of the prior of the model file `prior.import_from`, used
+    as it is (not trained), so that a new decoder can be paired with a finished prior. A prior
+    is tied to the CLIP it was trained on, so `clip.import_from` must name the same file; its
+    family and model must be this config's."""
+    from dalle_jax.pipeline import model_file
+    source = config.prior.import_from
+    if model_file(config.clip.get("import_from") or "") != model_file(source):
+        raise bundle.BundleError(f"prior.import_from={source} needs clip.import_from={source}: a "
+                                 "prior only fits the CLIP it was trained on")
+    return _section_of_model(source, "prior", config.prior, ("family", "model"), with_config=True)
+
+
+def _section_of_model(source: str, section: str, stage_config, keys, with_config=False):
+    from dalle_jax.pipeline import model_file
+    path = model_file(source)
+    meta, params = bundle.load(path)
+    stored = meta["configs"].get(section, {})
+    wanted = json.loads(stage_config.to_json_best_effort())
+    for key in keys:
         a, b = stored, wanted
         for part in key.split("."):
-            a, b = a.get(part), b.get(part)
+            a, b = (x.get(part) if isinstance(x, dict) else None for x in (a, b))
         if a != b:
-            raise bundle.BundleError(f"clip.import_from={source} holds a CLIP with clip.{key}="
-                                     f"{a!r}, not {b!r}: make the config's match")
-    return params["clip"]
+            raise bundle.BundleError(f"{section}.import_from={source} holds a {section} with "
+                                     f"{section}.{key}={a!r}, not {b!r}: make the config's match")
+    if section not in params:
+        raise bundle.BundleError(f"{section}.import_from={source}: {path} holds no {section}")
+    return (params[section], stored) if with_config else params[section]
 
 
 def run(config, workdir: str) -> str:
     """Trains every stage (resuming), exports the model file; returns its path."""
     clip_params = frozen_clip(config, workdir)
-    prior_task = build_task(config.prior, clip_params, config.clip)
-    prior_state = loop.train_and_evaluate(config.prior, os.path.join(workdir, "prior"),
-                                          task=prior_task)
+    prior_config = None  # the config's own, unless the prior is imported with its own
+    if config.prior.get("import_from"):
+        prior_params, prior_config = prior_from_model(config)
+    else:
+        prior_task = build_task(config.prior, clip_params, config.clip)
+        prior_params = _params(loop.train_and_evaluate(
+            config.prior, os.path.join(workdir, "prior"), task=prior_task), config.prior)
     decoder_task = build_task(config.decoder, clip_params, config.clip)
     decoder_state = loop.train_and_evaluate(config.decoder, os.path.join(workdir, "decoder"),
                                             task=decoder_task)
     path = os.path.join(workdir, "model.npz")
     if jax.process_index() == 0:
         decoder = decoder_state.ema_params
-        export(path, config, clip_params, _params(prior_state, config.prior),
-               decoder["generator"] if config.decoder.family == "gan" else decoder)
+        export(path, config, clip_params, prior_params,
+               decoder["generator"] if config.decoder.family == "gan" else decoder,
+               prior_config=prior_config)
         print(f"model written to {path}", file=sys.stderr)
     return path
 
@@ -104,15 +128,16 @@ def shapes_vocabulary(context_length: int, count: int = 20000) -> np.ndarray:
 
 
 def export(path: str, config, clip_params, prior_params, generator_params,
-           dtype: str | None = None):
+           dtype: str | None = None, prior_config: dict | None = None):
     """The pipeline's model file: the frozen CLIP, the prior and the decoder's EMA weights (the
-    GAN's generator under "generator", a diffusion decoder under "decoder")."""
+    GAN's generator under "generator", a diffusion decoder under "decoder"), with their configs
+    (the prior's `prior_config` when given: an imported prior's own)."""
     generator = GENERATOR_OF.get(config.decoder.family)
     if generator is None:
         raise ValueError(f"no generator for decoder family {config.decoder.family!r}; valid: "
                          f"{', '.join(GENERATOR_OF)}")
     configs = {"generator": generator, "clip": json.loads(config.clip.to_json_best_effort()),
-               "prior": json.loads(config.prior.to_json_best_effort()),
+               "prior": prior_config or json.loads(config.prior.to_json_best_effort()),
                "decoder": json.loads(config.decoder.to_json_best_effort())}
     params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
               "generator" if generator == "gan" else "decoder": jax.device_get(generator_params)}
