@@ -131,6 +131,7 @@ SCHEMAS: dict[str, dict] = {
                      "reconstruction": _opt(str, choices=("l1", "l2")),
                      "reconstruction_weight": _opt(float, minimum=0),
                      "reconstruction_shift": _opt(int, minimum=0),
+                     "reconstruction_samples": _opt(int, minimum=1),
                      "reconstruction_blur": _opt(float, minimum=0),
                      "adversarial_weight": _opt(float, minimum=0),
                      "perceptual_weight": _opt(float, minimum=0)}},

@@ -253,20 +253,24 @@ def task_batch(config):
     return jax.tree.map(np.asarray, next(iter(source)))
 
 
-@pytest.mark.parametrize("augment,negatives", [("", "other"), ("color,translation", "other"),
-                                               ("", "counterfactual")])
-def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment, negatives):
+@pytest.mark.parametrize("augment,negatives,samples", [
+    ("", "other", 1), ("color,translation", "other", 1), ("", "counterfactual", 1),
+    ("", "other", 3)])
+def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment, negatives,
+                                                                             samples):
     """The step runs the discriminator once over the fakes for both players and once over the
     real batch for all its conditions; its gradients must equal those of the textbook two
     losses, each player's written apart with the other's values held (the same augmented
     pictures seen by both, as the step sees them). With counterfactual negatives the
     matching-aware term is the mean over the neighbour's condition and the minimal-pair
-    partner's (the batch's rows i and i + 8 here)."""
+    partner's (the batch's rows i and i + 8 here). With `samples` draws the squared error is
+    each picture's best draw's, the adversarial term the first draw's."""
     config = gan_config(r1_gamma=0.0)
     config.model.cross_attention_res = ()
     config.loss.update(augment=augment, perceptual_weight=0.0, clip_weight=0.0,
                        clip_contrastive_weight=0.0, matching_weight=0.7, adversarial_weight=0.3,
-                       reconstruction_shift=0, matching_negatives=negatives)
+                       reconstruction_shift=0, matching_negatives=negatives,
+                       reconstruction_samples=samples)
     clip_params, clip_config = clip_parts()
     task = gan_family.GANTask(config, clip_params, clip_config)
     params = task.init_params(jax.random.PRNGKey(0))
@@ -281,13 +285,17 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
         z = jax.random.normal(k_z, (real.shape[0], task.gan_config.z_dim))
         aug = lambda x, k: gan_family.diff_augment(x, k, augment) if augment else x
         D = lambda dp, x, c: task.discriminator.apply({"params": dp}, x, c)
-        draw = lambda gp: task.generator.apply({"params": gp}, z, cond, k_noise, features, mask)
+        draw = lambda gp, z=z, k=k_noise: task.generator.apply({"params": gp}, z, cond, k,
+                                                                features, mask)
 
         def g_loss(gp):
             fake = draw(gp)
             adversarial = jax.nn.softplus(-D(params["discriminator"], aug(fake, k_fake), cond))
+            draws = [fake] + [draw(gp, jax.random.normal(jax.random.fold_in(k_z, i), z.shape),
+                                   jax.random.fold_in(k_noise, i)) for i in range(1, samples)]
+            errors = jax.numpy.stack([((x - real) ** 2).mean(axis=(1, 2, 3)) for x in draws])
             return (lc.adversarial_weight * adversarial.mean()
-                    + lc.reconstruction_weight * ((fake - real) ** 2).mean())
+                    + lc.reconstruction_weight * errors.min(axis=0).mean())
 
         def d_loss(dp):
             fake = jax.lax.stop_gradient(draw(params["generator"]))
@@ -306,6 +314,11 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
 
     grads, metrics = jax.jit(task.grad_fn)(params, batch, rng, task.frozen, 1)
     want, g_loss, d_loss = jax.jit(reference)(params)
+    if samples > 1:  # the best of three draws is nearer the real pictures than the first alone
+        config.loss.reconstruction_samples = 1
+        first = jax.jit(gan_family.GANTask(config, clip_params, clip_config).grad_fn)(
+            params, batch, rng, task.frozen, 1)[1]
+        assert metrics["reconstruction"] < first["reconstruction"]
     np.testing.assert_allclose(metrics["g_loss"], g_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["d_loss"], d_loss, rtol=1e-5)
     for player in ("generator", "discriminator"):
