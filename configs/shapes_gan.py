@@ -70,6 +70,9 @@ def get_config():
     # other-shape counterfactual as a negative of the matching-aware term: held-out one-object
     # adherence 63.5 -> 68.9%, seen 68.1 -> 67.8%, but FID 81 -> 104 (benchmarks/RESULTS.md,
     # session 20); not yet the default.
+    # reconstruction_samples = K > 1 takes each picture's squared error at the best of K draws
+    # of z; in a 2,000-step fine-tune of the shipped generator z stayed unused (two draws of
+    # one vector 0.8 levels apart of 255; benchmarks/RESULTS.md, session 21).
     c.decoder.loss = dict(augment="", clip_weight=5.0, matching_weight=1.0, r1_gamma=0.0,
                           r1_interval=16, reconstruction="l2", reconstruction_weight=10.0,
                           adversarial_weight=0.1, perceptual_weight=0.0)
