@@ -107,8 +107,9 @@ SCHEMAS: dict[str, dict] = {
                                   "text_weight": _opt(float, minimum=0),
                                   "size": _opt(int, minimum=1)})},
     # dalle_jax/train/prior.py (import_from: a pipeline model file whose prior is used as it is)
-    "prior": {**_TRAINING, "import_from": _opt(str), "model": {"width": Field(int, minimum=1), "depth": Field(int, minimum=1),
-                                     "sample_steps": Field(int, minimum=1)}},
+    "prior": {**_TRAINING, "import_from": _opt(str),
+              "model": {"width": Field(int, minimum=1), "depth": Field(int, minimum=1),
+                        "sample_steps": Field(int, minimum=1)}},
     # dalle_jax/train/gan.py
     # (init_from: a pipeline model file, or shipped:gan, whose generator starts the run)
     "gan": {**_TRAINING, "init_from": _opt(str),
