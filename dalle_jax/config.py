@@ -134,6 +134,7 @@ SCHEMAS: dict[str, dict] = {
                      "reconstruction_shift": _opt(int, minimum=0),
                      "reconstruction_samples": _opt(int, minimum=1),
                      "reconstruction_blur": _opt(float, minimum=0),
+                     "reconstruction_edge": _opt(float, minimum=0),
                      "adversarial_weight": _opt(float, minimum=0),
                      "perceptual_weight": _opt(float, minimum=0)}},
     # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and

@@ -224,6 +224,44 @@ def test_blurred_reconstruction_forgives_edges_more_than_placement():
     assert np.abs(grad).sum() > 0
 
 
+def test_edge_weights_match_a_direct_recomputation_and_move_the_error_to_edges():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (2, 7, 9, 3)).astype(np.float32)
+    strength = 3.0
+    # Largest step to the right or lower neighbour over channels, then a 3x3 max filter.
+    step = np.zeros(x.shape[:3], np.float32)
+    step[:, :-1] = np.abs(x[:, 1:] - x[:, :-1]).max(-1)
+    step[:, :, :-1] = np.maximum(step[:, :, :-1], np.abs(x[:, :, 1:] - x[:, :, :-1]).max(-1))
+    spread = np.zeros_like(step)
+    for b in range(2):
+        for i in range(7):
+            for j in range(9):
+                spread[b, i, j] = step[b, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].max()
+    want = 1.0 + strength * spread
+    want /= want.mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(gan_family.edge_weights(x, strength)[..., 0], want, rtol=1e-5)
+
+    # A flat picture keeps the plain error; on a square, an error at its edge outweighs the
+    # same error in the flat background, and each picture's weights average 1.
+    flat = np.full((1, 12, 12, 3), 0.2, np.float32)
+    np.testing.assert_allclose(gan_family.reconstruction_error(flat + 0.1, flat, edge=4.0),
+                               gan_family.reconstruction_error(flat + 0.1, flat), rtol=1e-6)
+    real = np.full((1, 12, 12, 3), -1.0, np.float32)
+    real[:, 4:8, 4:8] = 1.0
+    at_edge, in_background = real.copy(), real.copy()
+    at_edge[:, 4, 5] -= 0.5
+    in_background[:, 0, 11] += 0.5
+    weighted = lambda f: float(gan_family.reconstruction_error(f, real, edge=4.0))
+    assert weighted(at_edge) > 2 * weighted(in_background) > 0
+    np.testing.assert_allclose(gan_family.edge_weights(real, 4.0).mean(), 1.0, rtol=1e-5)
+    # The weights follow the shifted real picture under the shift-tolerant error: a moved
+    # copy still costs nothing.
+    moved = np.roll(real, 1, axis=2)
+    assert float(gan_family.reconstruction_error(moved, real, max_shift=1, edge=4.0)) < 1e-12
+    grad = jax.grad(lambda f: gan_family.reconstruction_error(f, real, edge=4.0))(at_edge)
+    assert np.abs(grad).sum() > 0
+
+
 @pytest.mark.parametrize("drop", [0.0, 1.0])
 def test_text_drop_prob_hides_the_caption_from_cross_attention(tmp_path, drop):
     """Every caption dropped: the cross-attention layer gets no gradient (it adds nothing);
