@@ -254,10 +254,18 @@ def test_edge_weights_match_a_direct_recomputation_and_move_the_error_to_edges()
     weighted = lambda f: float(gan_family.reconstruction_error(f, real, edge=4.0))
     assert weighted(at_edge) > 2 * weighted(in_background) > 0
     np.testing.assert_allclose(gan_family.edge_weights(real, 4.0).mean(), 1.0, rtol=1e-5)
-    # The weights follow the shifted real picture under the shift-tolerant error: a moved
-    # copy still costs nothing.
+    # Under the shift-tolerant error the weights follow the shifted real picture: a drawing
+    # of the square one pixel to the right, wrong at one edge pixel, costs what it costs
+    # against that shifted picture, not what the unshifted picture's weights would give.
     moved = np.roll(real, 1, axis=2)
-    assert float(gan_family.reconstruction_error(moved, real, max_shift=1, edge=4.0)) < 1e-12
+    drawn = moved.copy()
+    drawn[:, 5, 9] += 0.5  # beside the moved square's right edge, two pixels off the real one's
+    np.testing.assert_allclose(
+        gan_family.reconstruction_error(drawn, real, max_shift=1, edge=4.0),
+        gan_family.reconstruction_error(drawn, moved, edge=4.0), rtol=1e-6)
+    unshifted_weights = gan_family.edge_weights(real, 4.0)
+    assert float(np.mean(np.square(drawn - moved) * unshifted_weights)) < \
+        0.9 * float(gan_family.reconstruction_error(drawn, moved, edge=4.0))
     grad = jax.grad(lambda f: gan_family.reconstruction_error(f, real, edge=4.0))(at_edge)
     assert np.abs(grad).sum() > 0
 
