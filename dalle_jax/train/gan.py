@@ -70,7 +70,7 @@ def edge_weights(images, strength: float):
     dy = jnp.abs(jnp.diff(x, axis=1, append=x[:, -1:]))
     dx = jnp.abs(jnp.diff(x, axis=2, append=x[:, :, -1:]))
     e = jnp.maximum(dy, dx).max(axis=-1, keepdims=True)
-    e = jax.lax.reduce_window(e, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    e = nn.max_pool(e, (3, 3), strides=(1, 1), padding="SAME")
     w = 1.0 + strength * e
     return w / w.mean(axis=(1, 2, 3), keepdims=True)
 
