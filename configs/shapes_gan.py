@@ -44,6 +44,7 @@ def get_config():
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
     c.decoder = _common("gan", total_steps=7000, global_batch=64, lr=1e-2, ema_decay=0.995)
     c.decoder.optim.b1 = 0.0  # StyleGAN2's Adam betas (0, 0.99)
+    c.decoder.data.oversample = ""
     # mapping_lr_mul 1, not StyleGAN's 0.01: on a budget of ~150k images the slow mapping
     # network left the decoder drawing backgrounds only (L1 0.18 vs 0.10 after 500 steps).
     c.decoder.model = dict(z_dim=32, w_dim=128, mapping_layers=2, mapping_lr_mul=1.0,

@@ -1,6 +1,7 @@
 """The input pipeline: batches, per-host slices, iterator state, hard negatives."""
 
 import numpy as np
+import pytest
 
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.tokenizer import Tokenizer
@@ -94,3 +95,48 @@ def _data_config():
     return ml_collections.ConfigDict(dict(
         name="shapes", split="train", seed=0, image_size=16, context_length=16,
         global_batch=4, num_threads=1, hard_negatives=0))
+
+
+def test_oversample_draws_the_named_kinds_that_many_times_as_often():
+    def kinds(source, batches):
+        counts, total = {}, 0
+        for k in range(batches):
+            for caption in _captions(source, k):
+                total += 1
+                parsed = shapes.parse_caption(caption)
+                if len(parsed.objects) == 1 and parsed.objects[0].size:
+                    key = (parsed.objects[0].size, parsed.objects[0].shape)
+                    counts[key] = counts.get(key, 0) + 1
+        return {key: n / total for key, n in counts.items()}
+
+    plain = kinds(pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64), 40)
+    source = pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64,
+                                    oversample="small star:4, large circle:2")
+    boosted = kinds(source, 40)
+    # Rejection at factor / 4: each kind's share goes as its factor, renormalised.
+    norm = sum(share * {("small", "star"): 4, ("large", "circle"): 2}.get(key, 1)
+               for key, share in plain.items()) + (1 - sum(plain.values()))
+    for key, factor in ((("small", "star"), 4), (("large", "circle"), 2), (("small", "square"), 1)):
+        want = plain[key] * factor / norm
+        assert abs(boosted[key] - want) < 0.25 * want, (key, boosted[key], want)
+    # Still a pure function of the slot: the same batch twice, and per-host slices of it.
+    np.testing.assert_array_equal(source[7]["image"], source[7]["image"])
+    parts = [pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64, process_index=p,
+                                    process_count=2, oversample="small star:4, large circle:2")[7]
+             for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]),
+                                  source[7]["tokens"])
+    assert kinds(pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64, oversample=""),
+                 40) == plain
+
+
+def test_bad_oversample_is_one_clear_line():
+    for spec in ("tiny star:3", "small star", "small star:0.5", "small:3", "small star:x"):
+        with pytest.raises(ValueError, match="data.oversample item") as e:
+            pipeline.ShapesBatches("train", 0, 8, 16, global_batch=8, oversample=spec)
+        assert "\n" not in str(e.value)
+
+
+def _captions(source, k):
+    tokens = source[k]["tokens"]
+    return [Tokenizer().decode(row) for row in tokens]

@@ -9,6 +9,9 @@ With `minimal_pairs` (shapes only) the second half of each host's batch is the f
 scenes changed in one hard attribute (`shapes.counterfactual`: a shape; for two objects also
 the colours or the places exchanged), so that every such picture and caption meets, inside the
 batch, the one picture and caption it differs from in that attribute alone.
+With `oversample` (shapes only, e.g. "small star:3,small diamond:3") one-object scenes of a
+named size and shape are drawn that many times as often as the generator makes them, by
+rejection sampling over the scene indices (`ShapesBatches.pick`).
 where b = global_batch / process_count. Element k on host p holds examples
 k * global_batch + p * b + [0, b) of the source, so the stream is a pure function of the step
 and the host; the iterator's state (the next k) is saved with each checkpoint.
@@ -46,6 +49,29 @@ from dalle_jax.tokenizer import Tokenizer
 
 # Large enough never to run out, small enough for int64 index arithmetic.
 _ENDLESS = 2 ** 40
+# Candidate scenes per slot under `oversample`; the chance that all are rejected is below
+# (1 - 1 / max factor) ** 64, 1e-8 at factor 4 (the last candidate is then kept).
+_OVERSAMPLE_TRIES = 64
+
+
+def parse_oversample(spec: str) -> dict[tuple[str, str], float]:
+    """`data.oversample`, "size shape:factor,...", as {(size, shape): factor}; "" is none."""
+    factors = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, factor = item.rpartition(":")
+        words = kind.split()
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if (len(words) != 2 or words[0] not in shapes.SIZES or words[1] not in shapes.SHAPES
+                or value is None or not 1.0 <= value <= 100.0):
+            raise DataError(
+                f"data.oversample item {item!r} is not 'size shape:factor' with a size in "
+                f"{', '.join(shapes.SIZES)}, a shape in {', '.join(shapes.SHAPES)} and a "
+                f"factor from 1 to 100 (e.g. 'small star:3,small diamond:3')")
+        factors[(words[0], words[1])] = value
+    return factors
 
 
 def to_float_images(images_uint8: np.ndarray) -> np.ndarray:
@@ -61,7 +87,7 @@ class ShapesBatches:
 
     def __init__(self, split: str, seed: int, image_size: int, context_length: int,
                  global_batch: int, process_index: int = 0, process_count: int = 1,
-                 hard_negatives: int = 0, minimal_pairs: bool = False):
+                 hard_negatives: int = 0, minimal_pairs: bool = False, oversample: str = ""):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} does not split over "
                              f"{process_count} processes")
@@ -75,6 +101,7 @@ class ShapesBatches:
         self.offset = process_index * self.local_batch
         self.hard_negatives = hard_negatives
         self.minimal_pairs = minimal_pairs
+        self.oversample = parse_oversample(oversample)
         self.tokenizer = Tokenizer()
 
     def __len__(self):
@@ -85,7 +112,7 @@ class ShapesBatches:
             images, captions, keys = self._minimal_pairs(k)
         else:
             start = int(k) * self.global_batch + self.offset
-            keys = range(start, start + self.local_batch)
+            keys = [self.pick(slot) for slot in range(start, start + self.local_batch)]
             images, captions = shapes.examples(keys, split=self.split, seed=self.seed,
                                                size=self.image_size)
         batch = {"image": to_float_images(images),
@@ -105,7 +132,7 @@ class ShapesBatches:
         (2i, or 2i + 1 for a counterfactual) seeds its hard negatives."""
         half = self.local_batch // 2
         first = int(k) * (self.global_batch // 2) + self.offset // 2
-        indices = range(first, first + half)
+        indices = [self.pick(slot) for slot in range(first, first + half)]
         scenes = [shapes.scene(i, self.split, self.seed) for i in indices]
         scenes += [shapes.counterfactual(sc, np.random.default_rng([self.seed, 2, i]),
                                          allow_held_out=self.split == "eval")
@@ -113,6 +140,25 @@ class ShapesBatches:
         images = np.stack([shapes.render(sc, self.image_size) for sc in scenes])
         keys = [2 * i for i in indices] + [2 * i + 1 for i in indices]
         return images, [sc.caption for sc in scenes], keys
+
+    def pick(self, slot: int) -> int:
+        """The scene index at position `slot` of the stream: the slot itself, or under
+        `oversample` the first of candidates slot * T + t kept with probability factor /
+        largest factor (a one-object scene of a named size and shape has its factor, any other
+        scene 1), so the stream is still a pure function of the slot."""
+        if not self.oversample:
+            return int(slot)
+        top = max(self.oversample.values())
+        for t in range(_OVERSAMPLE_TRIES):
+            index = int(slot) * _OVERSAMPLE_TRIES + t
+            sc = shapes.scene(index, self.split, self.seed)
+            factor = 1.0
+            if len(sc.objects) == 1:
+                obj = sc.objects[0]
+                factor = self.oversample.get((obj.size_name, obj.shape), 1.0)
+            if np.random.default_rng([self.seed, 3, index]).random() * top < factor:
+                break
+        return index
 
 
 def minimal_pair_partners(x, processes: int):
@@ -165,7 +211,8 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
         source = ShapesBatches(config.split, config.seed, config.image_size,
                                config.context_length, config.global_batch, process_index,
                                process_count, config.hard_negatives,
-                               bool(config.get("minimal_pairs", False)))
+                               bool(config.get("minimal_pairs", False)),
+                               str(config.get("oversample", "")))
         return grain.MapDataset.source(source)
     sources = {"folder": files.FolderSource, "shards": shards.ShardSource}
     if config.name not in sources:
@@ -177,6 +224,9 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
                         f"data.name={config.name}")
     if config.get("minimal_pairs", False):
         raise DataError(f"data.minimal_pairs needs shapes scenes; set it to False for "
+                        f"data.name={config.name}")
+    if config.get("oversample", ""):
+        raise DataError(f"data.oversample needs shapes scenes; set it to '' for "
                         f"data.name={config.name}")
     if config.global_batch % process_count:
         raise DataError(f"global batch {config.global_batch} does not split over "
