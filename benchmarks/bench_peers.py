@@ -4,6 +4,7 @@
     python benchmarks/bench_peers.py [--quick] [--only gan|unet|prior|clip|sampling]
                                      [--out FILE] [--profile gan|unet|prior|clip]
                                      [--threads 2] [--passive] [--peer-malloc default|keep]
+                                     [--bf16]
 
 Each pair is a dalle_jax model and a peer of matched size (parameters and FLOPs per image within
 20%; both counts are printed): the shipped-size GAN decoder (generator + discriminator) against
@@ -23,6 +24,11 @@ step's jaxpr with the same rules, so the match and the GFLOP/s compare like with
 analysis of our compiled step (as bench_gan.py, bench_unclip.py and bench_clip.py report it,
 elementwise work included) is shown beside it. MFU is against the float32 matmul peak measured
 at the start of the run.
+
+`--bf16` times the pairs whose model has a compute dtype (the CLIP) in bfloat16 on both sides:
+ours with `dtype="bfloat16"` (float32 parameters and optimizer, bf16 matmuls), the peer's step
+under `torch.autocast("cpu", dtype=torch.bfloat16)`; MFU is then against the bf16 matmul peak.
+On CPUs with AMX (Intel Sapphire Rapids and later) both sides' bf16 matmuls run on it.
 
 On a machine busy with other work, PyTorch's OpenMP threads spin-wait for each other and ran
 the peers about 10x slower than on an idle one (open_clip: 12 s a step with 2 threads, 0.8 s
@@ -225,10 +231,10 @@ def _optim_config(**changes):
                                           clip_norm=10.0, ema_decay=0.999) | changes)
 
 
-def _clip_config(variant="tiny"):
+def _clip_config(variant="tiny", dtype="float32"):
     return ml_collections.ConfigDict(dict(
         model=dict(variant=variant), data=dict(image_size=32, context_length=CONTEXT),
-        remat=False, dtype="float32", loss="softmax"))
+        remat=False, dtype=dtype, loss="softmax"))
 
 
 def _conditions(b, embed=128, width=128, seed=1):
@@ -248,8 +254,15 @@ def _tokens(b):
     return jnp.asarray(tokens)
 
 
-def build_ours(name: str, knobs: dict, b: int):
+# The pairs whose model has a compute dtype, for --bf16.
+BF16_PAIRS = ("clip",)
+
+
+def build_ours(name: str, knobs: dict, b: int, dtype: str = "float32"):
     """(task, optimizer config, batch, frozen) for our side of a pair."""
+    if dtype != "float32" and name not in BF16_PAIRS:
+        raise ValueError(f"{name}: our model has no compute dtype; --bf16 applies to "
+                         f"{', '.join(BF16_PAIRS)}")
     if name == "gan":
         config = config_lib.load(bench_gan.CONFIG, [
             "decoder.loss.matching_weight=0.0", "decoder.loss.clip_weight=0.0"] + [
@@ -284,7 +297,7 @@ def build_ours(name: str, knobs: dict, b: int):
                                                         bt["mask"], rng))
         return task, _optim_config(), batch, None
     if name == "clip":
-        task = clip_family.CLIPTask(_clip_config(knobs["variant"]))
+        task = clip_family.CLIPTask(_clip_config(knobs["variant"], dtype))
         batch = {"image": _images(b), "tokens": _tokens(b)}
         return task, _optim_config(weight_decay=0.05), batch, None
     raise ValueError(f"unknown pair {name!r}; valid: {', '.join(PAIRS)}")
@@ -311,8 +324,8 @@ def spread(tree, b: int):
     return jax.tree.map(put, tree)
 
 
-def bench_ours(name: str, b: int, reps: int) -> dict:
-    task, optim_config, batch, frozen = build_ours(name, PAIRS[name]["ours"], b)
+def bench_ours(name: str, b: int, reps: int, dtype: str = "float32") -> dict:
+    task, optim_config, batch, frozen = build_ours(name, PAIRS[name]["ours"], b, dtype)
     step, state = jitted_step(task, optim_config)
     if jax.device_count() > 1:
         state = jax.device_put(state, sharding.replicated(sharding.make_mesh()))
@@ -434,14 +447,16 @@ def header(peak: float, args, versions: dict) -> list[str]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     peers = ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "not run"
-    return [f"# dalle_jax vs PyTorch peers ({'quick' if args.quick else 'full'})", "",
+    precision = "bfloat16" if args.bf16 else "float32"
+    return [f"# dalle_jax vs PyTorch peers ({'quick' if args.quick else 'full'}"
+            f"{', bf16 compute' if args.bf16 else ''})", "",
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {cpu}, "
             f"{os.cpu_count()} CPUs; jax {jax.__version__} ({jax.device_count()} x "
             f"{jax.devices()[0].platform}); peers: {peers}, {args.threads} threads"
             f"{' (OMP_WAIT_POLICY=PASSIVE)' if args.passive else ''}; allocator: ours "
             f"{'kept (DALLE_JAX_MALLOC=keep)' if host.kept() else 'glibc defaults'}, "
             f"the peers' {'kept (--peer-malloc keep)' if PEER_ENV else 'glibc defaults'}.", "",
-            f"float32 matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s. GFLOP counts "
+            f"{precision} matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s. GFLOP counts "
             "matmuls, convolutions and attention (torch FlopCounterMode's rules, forward + "
             "backward); XLA's count of our step adds elementwise work."]
 
@@ -555,6 +570,9 @@ def main(argv=None):
     parser.add_argument("--peer-malloc", choices=("default", "keep"), default="default",
                         help="glibc's allocator for the peers: its defaults, or the settings "
                              "that DALLE_JAX_MALLOC=keep gives our side (dalle_jax/host.py)")
+    parser.add_argument("--bf16", action="store_true",
+                        help=f"bfloat16 compute on both sides, for the pairs whose model has a "
+                             f"compute dtype ({', '.join(BF16_PAIRS)}); the others are skipped")
     parser.add_argument("--cache", default=str(ROOT / ".jax_cache"),
                         help="persistent compilation cache ('' for none)")
     args = parser.parse_args(argv)
@@ -574,17 +592,22 @@ def main(argv=None):
         sys.exit(f"bench_peers.py: the peers' venv is missing "
                  f"({VENV_PYTHON.relative_to(ROOT)}); make it with: {SETUP}")
     start = time.perf_counter()
-    peak = matmul_peak_gflops()
+    dtype = "bfloat16" if args.bf16 else "float32"
+    peak = matmul_peak_gflops(dtype=getattr(jnp, dtype))
     versions = {}
     report = Report(header(peak, args, versions), peak, args.out)
     for name in PAIRS:
         if args.only and name not in args.only:
             continue
         pair, b = PAIRS[name], PAIRS[name]["batch"][q]
+        if args.bf16 and name not in BF16_PAIRS:
+            report.notes.append(f"{name}: skipped under --bf16 (our model has no compute dtype)")
+            continue
         try:
-            ours = bench_ours(name, b, reps)
+            ours = bench_ours(name, b, reps, dtype)
             peer = run_peer(dict(pair["peer"], batch=b, steps=reps, warmup=(1, 2)[q],
-                                 threads=args.threads), passive=args.passive)[0]
+                                 threads=args.threads, autocast=args.bf16 and dtype),
+                            passive=args.passive)[0]
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             report.notes.append(f"{name}: failed ({str(e).splitlines()[0][:200]})")
             print(f"# {report.notes[-1]}", file=sys.stderr, flush=True)
@@ -594,7 +617,7 @@ def main(argv=None):
         report.pairs.append((name, ours, peer))
         print(report.pair_line(name, ours, peer), flush=True)
         report.write()
-    if not args.only or "sampling" in args.only:
+    if (not args.only or "sampling" in args.only) and not args.bf16:
         try:
             bench_sampling_all(q, report, args.threads, args.passive)
         except (RuntimeError, subprocess.TimeoutExpired) as e:

@@ -117,6 +117,8 @@ def write_config(tmp_path, base: str, body: str) -> str:
     (GAN_CONFIG, "del c['decoder']['model']['z_dim']", "missing config field decoder.model.z_dim"),
     (GAN_CONFIG, "c['clip']['optim']['lr'] = [1e-3]", "clip.optim.lr must be float"),
     (GAN_CONFIG, "c['export_dtype'] = 'int8'", "export_dtype must be one of float32, bfloat16"),
+    # Only the CLIP has a bfloat16 compute path; elsewhere it would train in float32 unsaid.
+    (GAN_CONFIG, "c['decoder']['dtype'] = 'bfloat16'", "decoder.dtype must be one of float32;"),
     (GAN_CONFIG, "c['stages'] = 3", "unknown config field 'stages'"),
 ])
 def test_config_file_errors_are_one_line_at_load(tmp_path, base, body, message):

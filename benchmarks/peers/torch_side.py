@@ -10,7 +10,7 @@ The JSON spec (bench_peers.py writes it) holds `which` (gigagan, unet, prior, cl
 `steps` (timed steps after `warmup`), `threads` and `model` (the peer's size knobs, merged over
 the defaults below); `sample_batch`, `sample_steps`, `guidance` (and `sample_reps`,
 `sample_warmup`) add a sampling row for the unet: DDIM with classifier-free guidance, as its
-Decoder samples. Prints one JSON line per measurement: parameters, FLOPs per image (counted by
+Decoder samples; `autocast` ("bfloat16") runs the training step under `torch.autocast("cpu")`. Prints one JSON line per measurement: parameters, FLOPs per image (counted by
 torch.utils.flop_counter.FlopCounterMode over one whole step: matmuls, convolutions and
 attention, forward and backward; elementwise work is not counted; two gaps in its table are
 filled, see CUSTOM_FLOPS), the median step time and images/s.
@@ -289,9 +289,15 @@ def run(spec: dict) -> list[dict]:
     versions = {name: importlib.metadata.version(name) for name in ("torch", peer.package)}
     common = dict(which=which, package=peer.package, versions=versions,
                   threads=torch.get_num_threads(), params=params, model=model)
+    step = peer.step
+    if spec.get("autocast"):  # bench_peers.py --bf16: the step's matmuls in bf16
+        def step(dtype=getattr(torch, spec["autocast"])):
+            with torch.autocast("cpu", dtype=dtype):
+                peer.step()
+        common["autocast"] = spec["autocast"]
     # Count on a deep copy, so the timed model starts from the same weights and optimizer state.
     flops = count_flops(copy.deepcopy(peer).step)
-    seconds = median_time(peer.step, steps, warmup)
+    seconds = median_time(step, steps, warmup)
     rows = [dict(common, phase="train", batch=batch, step_s=seconds, images_per_s=batch / seconds,
                  flops_per_image=flops / batch)]
     if which == "unet" and spec.get("sample_batch"):
