@@ -42,7 +42,9 @@ def cpu_name() -> str:
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> float:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    # Accumulated in float32: XLA:CPU runs a bf16 x bf16 -> bf16 dot at a fifth of the speed of
+    # bf16 x bf16 -> f32 on a CPU with AMX (benchmarks/RESULTS.md, session 23).
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(reps):
