@@ -10,7 +10,8 @@ The JSON spec (bench_peers.py writes it) holds `which` (gigagan, unet, prior, cl
 `steps` (timed steps after `warmup`), `threads` and `model` (the peer's size knobs, merged over
 the defaults below); `sample_batch`, `sample_steps`, `guidance` (and `sample_reps`,
 `sample_warmup`) add a sampling row for the unet: DDIM with classifier-free guidance, as its
-Decoder samples; `autocast` ("bfloat16") runs the training step under `torch.autocast("cpu")`. Prints one JSON line per measurement: parameters, FLOPs per image (counted by
+Decoder samples; `autocast` ("bfloat16") runs the training step under `torch.autocast("cpu")`.
+Prints one JSON line per measurement: parameters, FLOPs per image (counted by
 torch.utils.flop_counter.FlopCounterMode over one whole step: matmuls, convolutions and
 attention, forward and backward; elementwise work is not counted; two gaps in its table are
 filled, see CUSTOM_FLOPS), the median step time and images/s.

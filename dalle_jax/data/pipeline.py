@@ -9,12 +9,13 @@ With `minimal_pairs` (shapes only) the second half of each host's batch is the f
 scenes changed in one hard attribute (`shapes.counterfactual`: a shape; for two objects also
 the colours or the places exchanged), so that every such picture and caption meets, inside the
 batch, the one picture and caption it differs from in that attribute alone.
-With `oversample` (shapes only, e.g. "small star:3,small diamond:3") one-object scenes of a
-named size and shape are drawn that many times as often as the generator makes them, by
-rejection sampling over the scene indices (`ShapesBatches.pick`).
 where b = global_batch / process_count. Element k on host p holds examples
 k * global_batch + p * b + [0, b) of the source, so the stream is a pure function of the step
 and the host; the iterator's state (the next k) is saved with each checkpoint.
+With `oversample` (shapes only, e.g. "small star:3,small diamond:3") one-object scenes of a
+named size and shape are drawn that many times as often as the generator makes them, by
+rejection sampling over the scene indices (`ShapesBatches.pick`): still a pure function of the
+step and the host, but element k then holds other scene indices than those above.
 
 Image-text data (`data.name = "folder"` or `"shards"`, at `data.path`) gives the same keys.
 Each host reads its own files or shards (`[process_index::process_count]` of the sorted list),
@@ -50,8 +51,10 @@ from dalle_jax.tokenizer import Tokenizer
 # Large enough never to run out, small enough for int64 index arithmetic.
 _ENDLESS = 2 ** 40
 # Candidate scenes per slot under `oversample`; the chance that all are rejected is below
-# (1 - 1 / max factor) ** 64, 1e-8 at factor 4 (the last candidate is then kept).
-_OVERSAMPLE_TRIES = 64
+# (1 - 1 / largest factor) ** 256, 2e-6 at the largest factor allowed, 20 (the last candidate
+# is then kept).
+_OVERSAMPLE_TRIES = 256
+_OVERSAMPLE_MAX = 20.0
 
 
 def parse_oversample(spec: str) -> dict[tuple[str, str], float]:
@@ -65,11 +68,11 @@ def parse_oversample(spec: str) -> dict[tuple[str, str], float]:
         except ValueError:
             value = None
         if (len(words) != 2 or words[0] not in shapes.SIZES or words[1] not in shapes.SHAPES
-                or value is None or not 1.0 <= value <= 100.0):
+                or value is None or not 1.0 <= value <= _OVERSAMPLE_MAX):
             raise DataError(
                 f"data.oversample item {item!r} is not 'size shape:factor' with a size in "
                 f"{', '.join(shapes.SIZES)}, a shape in {', '.join(shapes.SHAPES)} and a "
-                f"factor from 1 to 100 (e.g. 'small star:3,small diamond:3')")
+                f"factor from 1 to {_OVERSAMPLE_MAX:g} (e.g. 'small star:3,small diamond:3')")
         factors[(words[0], words[1])] = value
     return factors
 
