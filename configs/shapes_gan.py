@@ -47,7 +47,8 @@ def get_config():
     # oversample="small star:3,small diamond:3" draws those one-object scenes 3x as often (15 ->
     # 34% of pictures): decoder-alone 77 / 81% at step 7,000, but the whole pipeline's one-object
     # adherence 69.7 / 72.2% against 70.0 / 72.8%, small stars still blobs (2%), small diamonds
-    # 11% against 0 (benchmarks/RESULTS.md, session 23); not the default.
+    # 11% against 0; at 10, a 600-step fine-tune took small diamonds from 0 to 32% and left
+    # small stars at 1% (benchmarks/RESULTS.md, session 23). Not the default.
     c.decoder.data.oversample = ""
     # mapping_lr_mul 1, not StyleGAN's 0.01: on a budget of ~150k images the slow mapping
     # network left the decoder drawing backgrounds only (L1 0.18 vs 0.10 after 500 steps).
