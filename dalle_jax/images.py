@@ -41,6 +41,23 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
     return out
 
 
+def box_downsample(images, size: int):
+    """Float pictures [..., H, H, C] (NumPy or JAX) -> [..., size, size, C], each output pixel
+    the mean of its H/size x H/size block (Pillow's BOX filter at an integer factor: a shapes
+    picture rendered at 64 px comes down to its 32 px rendering but for antialiased edges,
+    which it averages over more samples). The identity when H == size."""
+    h = images.shape[-3]
+    if h == size:
+        return images
+    f = h // size
+    if f * size != h or images.shape[-2] != h:
+        raise ValueError(f"cannot box-downsample {h}x{images.shape[-2]} px pictures to {size} px: "
+                         "the side must be a whole multiple of it")
+    lead = images.shape[:-3]
+    blocks = images.reshape(*lead, size, f, size, f, images.shape[-1])
+    return blocks.mean(axis=(-4, -2))
+
+
 def save_png(path: str, image: np.ndarray, metadata: dict[str, str] | None = None,
              scale: int = 1):
     """Writes `image` (uint8 [H, W, 3]) with text chunks; the file appears whole or not at all."""

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import bundle
+from dalle_jax import images as images_lib
 from dalle_jax.data import pipeline as data_pipeline
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import flow_prior
@@ -215,9 +216,13 @@ class Pipeline:
                                      f"{self.generator_name!r}; known: {', '.join(GENERATORS)}")
         self.batch_size = batch_size
         c = configs["clip"]
-        self.image_size = c["data"]["image_size"]
+        # The CLIP reads clip_size px; the decoder draws image_size px, the same or a whole
+        # multiple (pictures in are at image_size and box-downsampled for the CLIP).
+        self.clip_size = c["data"]["image_size"]
+        self.image_size = configs.get("decoder", {}).get("data", {}).get("image_size",
+                                                                         self.clip_size)
         self.context_length = c["data"]["context_length"]
-        self.clip = clip_lib.CLIP(variant=c["model"]["variant"], image_size=self.image_size,
+        self.clip = clip_lib.CLIP(variant=c["model"]["variant"], image_size=self.clip_size,
                                   context_length=self.context_length)
         self.generator = GENERATORS[self.generator_name](configs, self.clip.config,
                                                          self.image_size)
@@ -407,8 +412,9 @@ class Pipeline:
 
     @functools.cached_property
     def _image_fn(self):
-        return jax.jit(lambda p, x: self.clip.apply({"params": p["clip"]}, x,
-                                                    method=self.clip.encode_image)[0])
+        return jax.jit(lambda p, x: self.clip.apply(
+            {"params": p["clip"]}, images_lib.box_downsample(x, self.clip_size),
+            method=self.clip.encode_image)[0])
 
     def _compile(self, kind: str, options: dict):
         """The jitted program for `kind` under these sampling options (compile-time constants),

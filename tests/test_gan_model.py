@@ -31,6 +31,20 @@ def test_generator_and_discriminator_shapes(resolution, upsample, input_res):
     assert jax.jit(d.apply)({"params": dp}, images, cond).shape == (4,)
 
 
+def test_a_discriminator_at_half_the_side_reads_the_smaller_pictures():
+    config = gan.GANConfig(resolution=32, d_resolution=16, **SMALL)
+    assert config.disc_resolution == 16 and gan.GANConfig(resolution=32).disc_resolution == 32
+    k = jax.random.PRNGKey(0)
+    d = gan.Discriminator(config)
+    images, cond = jnp.zeros((4, 16, 16, 3)), jnp.ones((4, 16))
+    dp = once.jit(d.init)(k, images, cond)["params"]
+    assert sorted(n for n in dp if n.startswith("block")) == ["block0", "block1"]  # 16 -> 4 px
+    assert jax.jit(d.apply)({"params": dp}, images, cond).shape == (4,)
+    for bad in (24, 64, 4):
+        with pytest.raises(ValueError, match="d_resolution"):
+            gan.GANConfig(resolution=32, d_resolution=bad)
+
+
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_conv_synthesis_shapes_and_conditioning(resolution):
     """The BigGAN-style decoder: the picture depends on the condition and on z (its only

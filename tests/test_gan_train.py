@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from dalle_jax import bundle, sharding
+from dalle_jax import images as images_lib
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import gan as gan_family
 from dalle_jax.train import loop, optim
@@ -299,19 +300,30 @@ def task_batch(config):
     return jax.tree.map(np.asarray, next(iter(source)))
 
 
-@pytest.mark.parametrize("augment,negatives,samples", [
-    ("", "other", 1), ("color,translation", "other", 1), ("", "counterfactual", 1),
-    ("", "other", 3)])
+def twice_the_clip_side(config):
+    """The config's decoder drawing at 32 px on the 16 px micro CLIP, judged at 16 px."""
+    config.data.image_size = 32
+    config.model.channels = (16, 16, 8, 8)
+    config.model.d_resolution = 16
+    return config
+
+
+@pytest.mark.parametrize("augment,negatives,samples,side", [
+    ("", "other", 1, 16), ("color,translation", "other", 1, 16), ("", "counterfactual", 1, 16),
+    ("", "other", 3, 16), ("", "other", 1, 32)])
 def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment, negatives,
-                                                                             samples):
+                                                                             samples, side):
     """The step runs the discriminator once over the fakes for both players and once over the
     real batch for all its conditions; its gradients must equal those of the textbook two
     losses, each player's written apart with the other's values held (the same augmented
     pictures seen by both, as the step sees them). With counterfactual negatives the
     matching-aware term is the mean over the neighbour's condition and the minimal-pair
     partner's (the batch's rows i and i + 8 here). With `samples` draws the squared error is
-    each picture's best draw's, the adversarial term the first draw's."""
+    each picture's best draw's, the adversarial term the first draw's. At `side` 32 the
+    generator draws 32 px pictures that the discriminator reads box-downsampled to 16 px."""
     config = gan_config(r1_gamma=0.0)
+    if side == 32:
+        config = twice_the_clip_side(config)
     config.model.cross_attention_res = ()
     config.loss.update(augment=augment, perceptual_weight=0.0, clip_weight=0.0,
                        clip_contrastive_weight=0.0, matching_weight=0.7, adversarial_weight=0.3,
@@ -330,7 +342,8 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
         k_z, k_noise, _, k_fake, k_real, _ = jax.random.split(rng, 6)
         z = jax.random.normal(k_z, (real.shape[0], task.gan_config.z_dim))
         aug = lambda x, k: gan_family.diff_augment(x, k, augment) if augment else x
-        D = lambda dp, x, c: task.discriminator.apply({"params": dp}, x, c)
+        D = lambda dp, x, c: task.discriminator.apply(
+            {"params": dp}, images_lib.box_downsample(x, 16), c)
         draw = lambda gp, z=z, k=k_noise: task.generator.apply({"params": gp}, z, cond, k,
                                                                 features, mask)
 
@@ -360,6 +373,7 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
 
     grads, metrics = jax.jit(task.grad_fn)(params, batch, rng, task.frozen, 1)
     want, g_loss, d_loss = jax.jit(reference)(params)
+    assert batch["image"].shape[1] == side
     if samples > 1:  # the best of three draws is nearer the real pictures than the first alone
         config.loss.reconstruction_samples = 1
         first = jax.jit(gan_family.GANTask(config, clip_params, clip_config).grad_fn)(
@@ -372,6 +386,38 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
         assert scale > 0, player
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale),
                      grads[player], want[player])
+
+
+def test_a_decoder_at_twice_the_clip_side_is_conditioned_on_what_the_clip_sees():
+    """The CLIP reads a 32 px decoder's pictures box-downsampled to its 16 px: the condition of
+    a 32 px rendering is (to within uint8 rounding) that of the same scene rendered at 16 px,
+    and the CLIP-guided step runs on the 32 px pictures."""
+    from dalle_jax.data import pipeline as data_pipeline
+    from dalle_jax.data import shapes
+    clip_params, clip_config = clip_parts()
+    config = twice_the_clip_side(gan_config(r1_gamma=0.0))
+    task = gan_family.GANTask(config, clip_params, clip_config)
+    big, captions = shapes.examples(range(16), size=32)
+    small, _ = shapes.examples(range(16), size=16)
+    tokens = gan_family.Tokenizer()(captions, context_length=16)
+    cond = task.conditions(clip_params, data_pipeline.to_float_images(big), tokens)[0]
+    want = clip_family.embed_images(task.clip_model, clip_params, small)
+    unit = np.asarray(cond) / np.linalg.norm(cond, axis=-1, keepdims=True)
+    # Each picture's vector is nearest its own scene's at 16 px, five times nearer than any
+    # other scene's (a random CLIP puts all the scenes close together).
+    similarity = unit @ want.T
+    same = np.diagonal(similarity)
+    others = np.where(np.eye(len(want), dtype=bool), -1.0, similarity).max(axis=1)
+    assert np.all(1 - same < 0.2 * (1 - others)), (same, others)
+    # The fake pictures are 32 px, CLIP guidance reads them at 16.
+    params = task.init_params(jax.random.PRNGKey(0))
+    batch = task_batch(config)
+    grads, metrics = jax.jit(task.grad_fn)(params, batch, jax.random.PRNGKey(1), task.frozen, 0)
+    assert batch["image"].shape[1:] == (32, 32, 3)
+    assert np.isfinite(metrics["clip_cosine"]) and np.isfinite(metrics["g_loss"])
+    with pytest.raises(ValueError, match="whole multiple of the CLIP"):
+        config.data.image_size = 24
+        gan_family.GANTask(config, clip_params, clip_config)
 
 
 def test_counterfactual_negatives_need_minimal_pairs():

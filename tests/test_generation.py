@@ -29,13 +29,13 @@ SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.imag
          "prior.model.sample_steps=4", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
 
 
-def small_config():
-    return config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), SMALL)
+def small_config(*overrides):
+    return config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), [*SMALL, *overrides])
 
 
-def write_random_model(directory: str) -> str:
+def write_random_model(directory: str, *overrides) -> str:
     """A randomly initialised GAN pipeline (small_config) exported to directory/model.npz."""
-    config = small_config()
+    config = small_config(*overrides)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
     prior = jax.tree.map(lambda x: x + 0.01, prior)  # zero-initialised heads would hide bugs
@@ -179,6 +179,37 @@ def test_a_decoder_with_cross_attention_reads_the_prompt_and_decodes_images_with
     other = Pipeline(pipe.meta, pipe.params, path, batch_size=4)
     assert not np.array_equal(other.generate(PROMPTS[:2], seed=1), source)
     np.testing.assert_array_equal(other.variations(source, num=2, seed=2), var)
+
+
+def test_a_decoder_at_twice_the_clip_side(tmp_path):
+    """A 32 px decoder on a 16 px CLIP: pictures come out at 32 px, and pictures in (at 32 px)
+    reach the CLIP box-downsampled, so their vectors and CLIP scores are those of the same
+    scenes rendered at 16 px (to within uint8 rounding)."""
+    from dalle_jax.data import shapes
+    from dalle_jax.metrics.clip_score import CLIPScore
+    from dalle_jax.train import clip as clip_family
+    path = write_random_model(str(tmp_path), "decoder.data.image_size=32",
+                              "decoder.model.channels=(16,16,8,8)", "decoder.model.d_resolution=16")
+    pipe = Pipeline.load(path, batch_size=4)
+    assert (pipe.image_size, pipe.clip_size) == (32, 16)
+    assert pipe.generate(PROMPTS[:2]).shape == (2, 32, 32, 3)
+    big, captions = shapes.examples(range(6), size=32)
+    small, _ = shapes.examples(range(6), size=16)
+    got = pipe.encode_images(big)
+    want = clip_family.embed_images(pipe.clip, pipe.params["clip"], small)
+    # Each picture's vector is nearest its own scene's at 16 px, five times nearer than any
+    # other scene's (a random CLIP puts all the scenes close together).
+    similarity = got @ want.T
+    same = np.diagonal(similarity)
+    others = np.where(np.eye(len(want), dtype=bool), -1.0, similarity).max(axis=1)
+    assert np.all(1 - same < 0.2 * (1 - others)), (same, others)
+    assert pipe.variations(big[:1], num=2).shape == (2, 32, 32, 3)
+    assert pipe.edit(big[0], "red", "blue").shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"uint8 \[N, 32, 32, 3\]"):
+        pipe.variations(small[:1])
+    scorer = CLIPScore.from_pipeline(pipe, batch_size=8)
+    np.testing.assert_allclose(scorer.pair_scores(big, captions),
+                               scorer.pair_scores(small, captions), atol=0.5)
 
 
 def test_slerp_endpoints_and_norm():

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import images as images_lib
 from dalle_jax import sharding
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.tokenizer import Tokenizer
@@ -77,9 +78,14 @@ class CLIPScore:
 
     def pair_scores(self, images, captions) -> np.ndarray:
         """Per-pair scores float32 [N] of uint8 pictures [N, S, S, 3] and their N captions
-        (cut to the CLIP's context, as in training)."""
+        (cut to the CLIP's context, as in training). Pictures at a whole multiple of the
+        CLIP's side S are box-downsampled to it first."""
         images = np.asarray(images)
         s = self.image_size
+        if (images.ndim == 4 and images.dtype == np.uint8 and images.shape[1] > s
+                and images.shape[1] % s == 0 and images.shape[1:] == (images.shape[1],) * 2 + (3,)):
+            images = np.round(images_lib.box_downsample(images.astype(np.float32), s)).astype(
+                np.uint8)
         if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
             raise CLIPScoreError(f"CLIP score takes uint8 pictures [N, {s}, {s}, 3], not "
                                  f"{images.dtype} {list(images.shape)}")

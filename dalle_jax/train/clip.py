@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import images as images_lib
 from dalle_jax import once
 from dalle_jax.data import pipeline, shapes
 from dalle_jax.models import clip as clip_lib
@@ -161,8 +162,11 @@ def batched(fn, *arrays, chunk: int = 256, progress=None):
 
 
 def embed_images(model, params, images_uint8: np.ndarray) -> np.ndarray:
-    return batched(functools.partial(_encoders(model)[0], params),
-                   pipeline.to_float_images(images_uint8))
+    """Unit CLIP image vectors of uint8 pictures at the CLIP's side or a whole multiple of it
+    (box-downsampled first)."""
+    images = images_lib.box_downsample(pipeline.to_float_images(images_uint8),
+                                       model.config.image_size)
+    return batched(functools.partial(_encoders(model)[0], params), images)
 
 
 def embed_texts(model, params, captions: list[str], context_length: int) -> np.ndarray:

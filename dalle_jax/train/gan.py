@@ -187,6 +187,12 @@ class GANTask:
         self.config = config
         self.clip_model = clip_family.build_model(clip_config)
         self.frozen = {"clip": clip_params}
+        # The decoder may draw at a multiple of the CLIP's side (a 64 px decoder on a 32 px
+        # CLIP): the CLIP then reads every picture, real or drawn, box-downsampled to its side.
+        self.clip_size = self.clip_model.config.image_size
+        if config.data.image_size % self.clip_size:
+            raise ValueError(f"decoder data.image_size {config.data.image_size} must be a "
+                             f"whole multiple of the CLIP's {self.clip_size} px")
         self.gan_config = gan_lib.config_from(
             config.model, config.data.image_size, self.clip_model.config.embed_dim,
             self.clip_model.config.text_width)
@@ -215,12 +221,17 @@ class GANTask:
         the discriminator fresh all the same (a model file holds none)."""
         c = self.gan_config
         kg, kd = jax.random.split(rng)
-        images = jnp.zeros((1, c.resolution, c.resolution, 3))
+        images = jnp.zeros((1, c.disc_resolution, c.disc_resolution, 3))
         cond = jnp.ones((1, c.cond_dim))
         generator = (once.jit(self._init_generator)(kg) if self.initial_generator is None else
                      jax.tree.map(jnp.asarray, self.initial_generator))
         return {"generator": generator,
                 "discriminator": once.jit(self.discriminator.init)(kd, images, cond)["params"]}
+
+    def to_clip(self, images):
+        """Pictures at the decoder's side -> at the CLIP's (box-downsampled; as they are when
+        the two sides agree)."""
+        return images_lib.box_downsample(images, self.clip_size)
 
     def conditions(self, clip_params, images, tokens):
         """(condition vector, token features, token mask) from the frozen CLIP."""
@@ -229,7 +240,7 @@ class GANTask:
         if self.config.model.condition == "text":
             cond = text_embed
         else:
-            cond = apply(images, self.clip_model.encode_image)[0]
+            cond = apply(self.to_clip(images), self.clip_model.encode_image)[0]
         stop = jax.lax.stop_gradient
         return stop(cond), stop(token_features), tokens != 0
 
@@ -238,7 +249,7 @@ class GANTask:
         GroupNorm's output (the convolutional tower's layers, a ViT's convolutional stem) and
         the tower's final grid of features (its pooled token dropped)."""
         (_, grid), state = self.clip_model.apply(
-            {"params": clip_params}, images, method=self.clip_model.encode_image,
+            {"params": clip_params}, self.to_clip(images), method=self.clip_model.encode_image,
             capture_intermediates=lambda module, _: isinstance(module, nn.GroupNorm),
             mutable=["intermediates"])
         maps = [m.reshape(m.shape[0], -1, m.shape[-1])
@@ -269,7 +280,9 @@ class GANTask:
             mask = mask & ~drop[:, None]
         z = jax.random.normal(k_z, (b, self.gan_config.z_dim))
         augment = (lambda x, k: diff_augment(x, k, lc.augment)) if lc.augment else (lambda x, k: x)
-        D = lambda dp, x, c: self.discriminator.apply({"params": dp}, x, c)
+        d_side = self.gan_config.disc_resolution
+        D = lambda dp, x, c: self.discriminator.apply(
+            {"params": dp}, images_lib.box_downsample(x, d_side), c)
 
         samples = lc.get("reconstruction_samples", 1)
 
@@ -309,7 +322,8 @@ class GANTask:
                 metrics["perceptual"] = perceptual
             contrastive_weight = lc.get("clip_contrastive_weight", 0.0)
             if lc.clip_weight or contrastive_weight:
-                fake_embed = self.clip_model.apply({"params": frozen["clip"]}, fake,
+                fake_embed = self.clip_model.apply({"params": frozen["clip"]},
+                                                   self.to_clip(fake),
                                                    method=self.clip_model.encode_image)[0]
                 similarity = fake_embed @ clip_lib.l2_normalize(cond).T  # [b, b] cosines
                 cosine = jnp.diagonal(similarity).mean()
