@@ -82,8 +82,8 @@ class CLIPScore:
         CLIP's side S are box-downsampled to it first."""
         images = np.asarray(images)
         s = self.image_size
-        if (images.ndim == 4 and images.dtype == np.uint8 and images.shape[1] > s
-                and images.shape[1] % s == 0 and images.shape[1:] == (images.shape[1],) * 2 + (3,)):
+        side = images.shape[1] if images.ndim == 4 else s
+        if images.dtype == np.uint8 and side > s and side % s == 0 and images.shape[2] == side:
             images = np.round(images_lib.box_downsample(images.astype(np.float32), s)).astype(
                 np.uint8)
         if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:

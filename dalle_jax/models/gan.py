@@ -89,9 +89,9 @@ class GANConfig:
             raise ValueError(f"input_res {self.input_res} must divide {self.resolution} by a "
                              "power of 2")
         d = self.disc_resolution
-        if d < 8 or self.resolution % d or d & (d - 1):
+        if d < 4 or self.resolution % d or d & (d - 1):
             raise ValueError(f"d_resolution {self.d_resolution} must be a power of 2 of at "
-                             f"least 8 that divides the resolution {self.resolution} (or 0)")
+                             f"least 4 that divides the resolution {self.resolution} (or 0)")
 
     @property
     def disc_resolution(self) -> int:
