@@ -58,10 +58,11 @@ def test_sample_py_with_the_shipped_model(tmp_path):
         assert im.text["prompt"] == "a large red circle in the top left"
         assert im.text["model"].endswith("shapes_gan.npz")
         grid = np.asarray(im.convert("RGB"))
-    # Four pictures of 32 px, enlarged 4x with a 2 px border: something is drawn in the top
-    # left of each, as the prompt asks.
+    # Four pictures of the model's side, enlarged 4x with a 2 px border: something is drawn in
+    # the top left of each, as the prompt asks.
+    side = bundle.load(shipped_path())[0]["configs"]["decoder"]["data"]["image_size"]
     for k in range(4):
-        x0 = 8 + k * 34 * 4
-        picture = grid[8:8 + 128:4, x0:x0 + 128:4]
+        x0 = 8 + k * (side + 2) * 4
+        picture = grid[8:8 + 4 * side:4, x0:x0 + 4 * side:4]
         objects = adherence.analyse(picture)["objects"]
         assert objects and objects[0]["position"] == "in the top left", (k, objects)
