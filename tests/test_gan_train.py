@@ -390,8 +390,8 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
 
 def test_a_decoder_at_twice_the_clip_side_is_conditioned_on_what_the_clip_sees():
     """The CLIP reads a 32 px decoder's pictures box-downsampled to its 16 px: the condition of
-    a 32 px rendering is (to within uint8 rounding) that of the same scene rendered at 16 px,
-    and the CLIP-guided step runs on the 32 px pictures."""
+    a 32 px rendering is (but for its edges' finer antialiasing) that of the same scene
+    rendered at 16 px, and the CLIP-guided step runs on the 32 px pictures."""
     from dalle_jax.data import pipeline as data_pipeline
     from dalle_jax.data import shapes
     clip_params, clip_config = clip_parts()

@@ -184,7 +184,7 @@ def test_a_decoder_with_cross_attention_reads_the_prompt_and_decodes_images_with
 def test_a_decoder_at_twice_the_clip_side(tmp_path):
     """A 32 px decoder on a 16 px CLIP: pictures come out at 32 px, and pictures in (at 32 px)
     reach the CLIP box-downsampled, so their vectors and CLIP scores are those of the same
-    scenes rendered at 16 px (to within uint8 rounding)."""
+    scenes rendered at 16 px (but for their edges' finer antialiasing)."""
     from dalle_jax.data import shapes
     from dalle_jax.metrics.clip_score import CLIPScore
     from dalle_jax.train import clip as clip_family
