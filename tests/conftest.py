@@ -12,6 +12,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
@@ -26,3 +27,13 @@ LONGEST_FIRST = ("test_gan_train.py", "test_generation.py", "test_unclip_pipelin
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _no_mesh_left_behind():
+    """The trainer sets its mesh as the thread's (`jax.set_mesh` in train/loop.py), and it
+    stays set after the test; a later test in the same worker that lays arrays out on the 8
+    devices would then fail against a 1-device context mesh. Each test starts without one."""
+    jax.set_mesh(None)
+    yield
+    jax.set_mesh(None)
