@@ -177,7 +177,6 @@ class _Run:
 
 def _build(config, workdir: str, task=None) -> _Run:
     mesh = sharding.make_mesh(dict(config.mesh))
-    jax.set_mesh(mesh)
     task = task or build_task(config)
     tx, _ = optim.make_optimizer(config.optim, config.total_steps)
 
