@@ -31,9 +31,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def _no_mesh_left_behind():
-    """The trainer sets its mesh as the thread's (`jax.set_mesh` in train/loop.py), and it
-    stays set after the test; a later test in the same worker that lays arrays out on the 8
-    devices would then fail against a 1-device context mesh. Each test starts without one."""
+    """A context mesh (`jax.set_mesh`, thread-wide) left by one test would make a later test
+    in the same worker that lays arrays out on the 8 devices fail against it (the trainer set
+    one until session 24). Each test starts without one."""
     jax.set_mesh(None)
     yield
     jax.set_mesh(None)
