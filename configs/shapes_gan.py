@@ -53,8 +53,8 @@ def get_config():
     # 32 px, not 64: decoder.data.image_size=64 with channels (64, 64, 32, 16, 8) and
     # d_resolution=32 (the CLIP reads the pictures box-downsampled) took the decoder stage 101
     # minutes instead of 62 and the whole pipeline to the two-hour line, for one-object
-    # adherence 72.3 / 71.0% against 70.0 / 72.8%, small stars still blobs at 14 px (0%)
-    # (benchmarks/RESULTS.md, session 24).
+    # adherence 72.3 / 71.0% against 70.0 / 72.8%, small stars still blobs at 14 px (0%);
+    # FID read at 32 px 65.6 against 83.0 (benchmarks/RESULTS.md, session 24).
     # mapping_lr_mul 1, not StyleGAN's 0.01: on a budget of ~150k images the slow mapping
     # network left the decoder drawing backgrounds only (L1 0.18 vs 0.10 after 500 steps).
     c.decoder.model = dict(z_dim=32, w_dim=128, mapping_layers=2, mapping_lr_mul=1.0,
