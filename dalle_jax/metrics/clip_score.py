@@ -44,11 +44,14 @@ def pair_scores(image_embed, text_embed):
 
 @functools.cache
 def _scores_fn(clip: clip_lib.CLIP, mesh):
-    """(params, uint8 images [B, S, S, 3], tokens [B, L]) -> scores [B], compiled per mesh."""
+    """(params, uint8 images [B, S, S, 3], tokens [B, L]) -> scores [B], compiled per mesh and
+    picture side (a whole multiple of the CLIP's is box-downsampled to it, as the Pipeline's
+    encode_images does)."""
     batch = sharding.batch_sharding(mesh)
 
     def fn(params, images, tokens):
         x = images.astype(jnp.float32) / 127.5 - 1.0  # the [-1, 1] range CLIP trained on
+        x = images_lib.box_downsample(x, clip.config.image_size)
         image_embed, _ = clip.apply({"params": params}, x, method=clip.encode_image)
         text_embed, _ = clip.apply({"params": params}, tokens, method=clip.encode_text)
         return pair_scores(image_embed, text_embed)
@@ -82,13 +85,11 @@ class CLIPScore:
         CLIP's side S are box-downsampled to it first."""
         images = np.asarray(images)
         s = self.image_size
-        side = images.shape[1] if images.ndim == 4 else s
-        if images.dtype == np.uint8 and side > s and side % s == 0 and images.shape[2] == side:
-            images = np.round(images_lib.box_downsample(images.astype(np.float32), s)).astype(
-                np.uint8)
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
-            raise CLIPScoreError(f"CLIP score takes uint8 pictures [N, {s}, {s}, 3], not "
-                                 f"{images.dtype} {list(images.shape)}")
+        side = images.shape[1] if images.ndim == 4 else 0
+        if (images.ndim != 4 or not side or side % s or images.shape[1:] != (side, side, 3)
+                or images.dtype != np.uint8):
+            raise CLIPScoreError(f"CLIP score takes uint8 pictures [N, {s}, {s}, 3] (or a whole "
+                                 f"multiple of {s} px), not {images.dtype} {list(images.shape)}")
         if isinstance(captions, str) or len(captions) != len(images):
             raise CLIPScoreError(f"CLIP score needs one caption per picture: {len(images)} "
                                  f"pictures, {1 if isinstance(captions, str) else len(captions)} "
