@@ -137,6 +137,7 @@ SCHEMAS: dict[str, dict] = {
                      "reconstruction_weight": _opt(float, minimum=0),
                      "reconstruction_shift": _opt(int, minimum=0),
                      "reconstruction_samples": _opt(int, minimum=1),
+                     "reconstruction_search": _opt(bool),
                      "reconstruction_blur": _opt(float, minimum=0),
                      "reconstruction_edge": _opt(float, minimum=0),
                      "adversarial_weight": _opt(float, minimum=0),

@@ -308,18 +308,21 @@ def twice_the_clip_side(config):
     return config
 
 
-@pytest.mark.parametrize("augment,negatives,samples,side", [
-    ("", "other", 1, 16), ("color,translation", "other", 1, 16), ("", "counterfactual", 1, 16),
-    ("", "other", 3, 16), ("", "other", 1, 32)])
+@pytest.mark.parametrize("augment,negatives,samples,search,side", [
+    ("", "other", 1, False, 16), ("color,translation", "other", 1, False, 16),
+    ("", "counterfactual", 1, False, 16), ("", "other", 3, False, 16),
+    ("", "other", 4, True, 16), ("", "other", 1, False, 32)])
 def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(augment, negatives,
-                                                                             samples, side):
+                                                                             samples, search,
+                                                                             side):
     """The step runs the discriminator once over the fakes for both players and once over the
     real batch for all its conditions; its gradients must equal those of the textbook two
     losses, each player's written apart with the other's values held (the same augmented
     pictures seen by both, as the step sees them). With counterfactual negatives the
     matching-aware term is the mean over the neighbour's condition and the minimal-pair
     partner's (the batch's rows i and i + 8 here). With `samples` draws the squared error is
-    each picture's best draw's, the adversarial term the first draw's. At `side` 32 the
+    each picture's best draw's, the adversarial term the first draw's; with `search`, every
+    term is taken at the z of each picture's best draw, chosen without gradients. At `side` 32 the
     generator draws 32 px pictures that the discriminator reads box-downsampled to 16 px."""
     config = gan_config(r1_gamma=0.0)
     if side == 32:
@@ -328,7 +331,7 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
     config.loss.update(augment=augment, perceptual_weight=0.0, clip_weight=0.0,
                        clip_contrastive_weight=0.0, matching_weight=0.7, adversarial_weight=0.3,
                        reconstruction_shift=0, matching_negatives=negatives,
-                       reconstruction_samples=samples)
+                       reconstruction_samples=samples, reconstruction_search=search)
     clip_params, clip_config = clip_parts()
     task = gan_family.GANTask(config, clip_params, clip_config)
     params = task.init_params(jax.random.PRNGKey(0))
@@ -346,13 +349,20 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
             {"params": dp}, images_lib.box_downsample(x, 16), c)
         draw = lambda gp, z=z, k=k_noise: task.generator.apply({"params": gp}, z, cond, k,
                                                                 features, mask)
+        error = lambda x: ((x - real) ** 2).mean(axis=(1, 2, 3))
+        if search:  # each picture's z: the candidate whose own draw is nearest it
+            zs = [z, *jax.random.normal(jax.random.fold_in(k_z, 1), (samples - 1,) + z.shape)]
+            best = jax.numpy.stack([error(draw(params["generator"], c)) for c in zs]).argmin(0)
+            z = jax.numpy.stack(zs)[best, jax.numpy.arange(real.shape[0])]
+            draw = functools.partial(draw, z=z)
 
         def g_loss(gp):
             fake = draw(gp)
             adversarial = jax.nn.softplus(-D(params["discriminator"], aug(fake, k_fake), cond))
             draws = [fake] + [draw(gp, jax.random.normal(jax.random.fold_in(k_z, i), z.shape),
-                                   jax.random.fold_in(k_noise, i)) for i in range(1, samples)]
-            errors = jax.numpy.stack([((x - real) ** 2).mean(axis=(1, 2, 3)) for x in draws])
+                                   jax.random.fold_in(k_noise, i))
+                              for i in range(1, 1 if search else samples)]
+            errors = jax.numpy.stack([error(x) for x in draws])
             return (lc.adversarial_weight * adversarial.mean()
                     + lc.reconstruction_weight * errors.min(axis=0).mean())
 
@@ -374,7 +384,7 @@ def test_step_shares_discriminator_passes_yet_equals_the_two_separate_losses(aug
     grads, metrics = jax.jit(task.grad_fn)(params, batch, rng, task.frozen, 1)
     want, g_loss, d_loss = jax.jit(reference)(params)
     assert batch["image"].shape[1] == side
-    if samples > 1:  # the best of three draws is nearer the real pictures than the first alone
+    if samples > 1:  # the best of the draws is nearer the real pictures than the first alone
         config.loss.reconstruction_samples = 1
         first = jax.jit(gan_family.GANTask(config, clip_params, clip_config).grad_fn)(
             params, batch, rng, task.frozen, 1)[1]

@@ -9,7 +9,8 @@ CLIP's embedding of the generated picture and its condition) and optional differ
 augmentation (Zhao et al. 2020: colour, translation, cutout) on every image the discriminator
 sees, and an optional reconstruction term: the generator's picture for a real image's own CLIP
 vector is pulled toward that image (squared error, or the pix2pix L1 of Isola et al. 2017,
-optionally under the best of the small translations of the real image), in
+optionally under the best of the small translations of the real image, or at the best of K
+draws of z: implicit maximum likelihood, Li and Malik 2018), in
 pixels and optionally in the frozen CLIP image tower's feature maps (a perceptual loss: Johnson
 et al. 2016; each position's features unit-normalised over channels as in LPIPS, Zhang et al.
 2018, without LPIPS's learned channel weights). The condition is
@@ -285,6 +286,19 @@ class GANTask:
             {"params": dp}, images_lib.box_downsample(x, d_side), c)
 
         samples = lc.get("reconstruction_samples", 1)
+        search = samples > 1 and lc.get("reconstruction_search", False)
+        if search:
+            # Implicit maximum likelihood (Li and Malik 2018; conditional IMLE, Li et al.
+            # 2020): K draws of z for each picture, made without gradients; the step then takes
+            # every term at the draw nearest the real picture. Where the condition leaves the
+            # picture open (an object's sub-pixel place), each draw can commit to one answer
+            # sharply instead of all drawing the average; it costs K - 1 forward passes, not
+            # K differentiated ones. The first candidate is the plain step's z.
+            candidates = jnp.concatenate(
+                [z[None], jax.random.normal(jax.random.fold_in(k_z, 1),
+                                            (samples - 1, b, self.gan_config.z_dim))])
+            z = self._nearest_draw(jax.lax.stop_gradient(params["generator"]), candidates,
+                                   cond, token_features, mask, real, k_noise)
 
         def generator_terms(gp):
             """The generator's picture and every term of its loss but the adversarial one."""
@@ -302,7 +316,7 @@ class GANTask:
                                                   lc.get("reconstruction_blur", 0.0),
                                                   lc.get("reconstruction_edge", 0.0))
                 per_picture = errors(fake)
-                if samples > 1:
+                if samples > 1 and not search:
                     # Best of K draws (multiple-choice learning: Guzman-Rivera et al. 2012;
                     # Bhattacharyya et al. 2018): each picture is held only to the draw of its
                     # z nearest the real one, so where the condition leaves the picture open
@@ -401,6 +415,22 @@ class GANTask:
                    "d_loss": d_loss, "r1": r1_value, "g_grad_norm": optax.tree.norm(g_grads),
                    "d_grad_norm": optax.tree.norm(d_grads)}
         return grads, metrics
+
+    def _nearest_draw(self, generator_params, candidates, cond, token_features, mask, real,
+                      noise_key):
+        """The row of `candidates` [K, B, Z] whose picture is nearest each real picture under
+        the reconstruction error: [B, Z]. The K x B pictures are drawn as one batch."""
+        lc = self.config.loss
+        k, b = candidates.shape[:2]
+        tile = lambda x: None if x is None else jnp.tile(x, (k,) + (1,) * (x.ndim - 1))
+        fakes = self.generator.apply({"params": generator_params}, candidates.reshape(k * b, -1),
+                                     tile(cond), noise_key, tile(token_features), tile(mask))
+        errors = picture_errors(fakes, tile(real), lc.get("reconstruction", "l2"),
+                                lc.get("reconstruction_shift", 0),
+                                lc.get("reconstruction_blur", 0.0),
+                                lc.get("reconstruction_edge", 0.0)).reshape(k, b)
+        best = jnp.argmin(errors, axis=0)
+        return candidates[best, jnp.arange(b)]
 
     def render(self, generator_params, clip_params, images, tokens, keys):
         """Pictures in [-1, 1] for the conditions of (images, tokens); one key per picture, so
