@@ -33,4 +33,7 @@ def get_config():
     c.decoder.eval_every = 250
     c.decoder.eval = dict(num_examples=128, use_ema=True)
     c.decoder.checkpoint_every = 100
+    # Its figures predate the shapes decoder's best-of-8 search (session 25), untried here.
+    c.decoder.loss.reconstruction_samples = 1
+    c.decoder.loss.reconstruction_search = False
     return ml_collections.ConfigDict(c)
