@@ -39,8 +39,8 @@ def get_config():
 
     # 7,000 steps of 64: about 75 minutes at the ~100 images/s of a 2-core Xeon with CLIP
     # guidance (105-125 without); 95 minutes with the best-of-8 search below (83 images/s).
-    # 4,500 steps stopped while adherence still climbed: decoder-
-    # alone 66 / 58% against 70 / 69% (benchmarks/RESULTS.md, sessions 7, 12 and 13).
+    # 4,500 steps stopped while adherence still climbed: decoder-alone 66 / 58% against
+    # 70 / 69% (benchmarks/RESULTS.md, sessions 7, 12 and 13).
     # lr 1e-2, not 5e-3: the decoder learned the condition much sooner (decoder-alone
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
     c.decoder = _common("gan", total_steps=7000, global_batch=64, lr=1e-2, ema_decay=0.995)
