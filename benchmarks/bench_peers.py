@@ -264,8 +264,11 @@ def build_ours(name: str, knobs: dict, b: int, dtype: str = "float32"):
         raise ValueError(f"{name}: our model has no compute dtype; --bf16 applies to "
                          f"{', '.join(BF16_PAIRS)}")
     if name == "gan":
+        # The best-of-K search over z (session 25) off too: the peer has no counterpart, and
+        # this pair's figures since session 15 were measured with one draw.
         config = config_lib.load(bench_gan.CONFIG, [
-            "decoder.loss.matching_weight=0.0", "decoder.loss.clip_weight=0.0"] + [
+            "decoder.loss.matching_weight=0.0", "decoder.loss.clip_weight=0.0",
+            "decoder.loss.reconstruction_samples=1"] + [
             f"decoder.model.{k}={v!r}" for k, v in knobs.items()])
         stage = config.decoder
         task = GivenConditionsGAN(stage, None, config.clip)
