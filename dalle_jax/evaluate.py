@@ -282,9 +282,12 @@ def _finish(report, pipe, images, pictures, captions, scorer, fid_net, data, rea
 
 def output_paths(out: str) -> tuple[str, str]:
     """(report JSON, grid PNG beside it): report.json -> report.png; a report named *.png
-    gets its grid as *.grid.png, never the same file."""
+    gets its grid as *.grid.png, never the same file; any other name keeps its whole name
+    (trunc0.7 -> trunc0.7.png, so that trunc0.4's grid is not the same file)."""
     root, ext = os.path.splitext(out)
-    return out, (root + ".png" if ext.lower() != ".png" else root + ".grid.png")
+    if ext.lower() == ".json":
+        return out, root + ".png"
+    return out, (root + ".grid.png" if ext.lower() == ".png" else out + ".png")
 
 
 def _write(out: str, report: dict, grid: np.ndarray):

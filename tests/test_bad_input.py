@@ -344,6 +344,9 @@ def test_evaluate_writes_report_and_grid_together_or_not_at_all(tmp_path, monkey
     assert evaluate.output_paths("runs.v2/report") == ("runs.v2/report", "runs.v2/report.png")
     assert evaluate.output_paths("r.json") == ("r.json", "r.png")
     assert evaluate.output_paths("r.PNG") == ("r.PNG", "r.grid.png")  # never one file for both
+    # Reports named apart only after a dot get grids apart too.
+    assert evaluate.output_paths("t0.7")[1] != evaluate.output_paths("t0.4")[1]
+    assert evaluate.output_paths("r.JSON") == ("r.JSON", "r.png")
     grid = np.zeros((4, 4, 3), np.uint8)
     evaluate._write(str(tmp_path / "ok.json"), {"a": 1}, grid)
     assert json.load(open(tmp_path / "ok.json")) == {"a": 1} and (tmp_path / "ok.png").exists()
