@@ -311,10 +311,7 @@ class GANTask:
                 # covers a pixel, L1's optimum is the median, the background, so objects never
                 # start to appear (seen on shapes: backgrounds only after 600 steps); the mean
                 # draws a faint object that sharpens as the decoder learns.
-                errors = lambda x: picture_errors(x, real, lc.get("reconstruction", "l2"),
-                                                  lc.get("reconstruction_shift", 0),
-                                                  lc.get("reconstruction_blur", 0.0),
-                                                  lc.get("reconstruction_edge", 0.0))
+                errors = lambda x: self._picture_errors(x, real)
                 per_picture = errors(fake)
                 if samples > 1 and not search:
                     # Best of K draws (multiple-choice learning: Guzman-Rivera et al. 2012;
@@ -422,17 +419,23 @@ class GANTask:
         the reconstruction error: [B, Z]. The K x B pictures are drawn as one batch, so their
         per-pixel noise is that batch's, not the final draw's (the learned noise strengths stay
         below 0.002 on shapes: benchmarks/RESULTS.md, session 21)."""
-        lc = self.config.loss
         k, b = candidates.shape[:2]
         tile = lambda x: None if x is None else jnp.tile(x, (k,) + (1,) * (x.ndim - 1))
         fakes = self.generator.apply({"params": generator_params}, candidates.reshape(k * b, -1),
                                      tile(cond), noise_key, tile(token_features), tile(mask))
-        errors = picture_errors(fakes, tile(real), lc.get("reconstruction", "l2"),
-                                lc.get("reconstruction_shift", 0),
-                                lc.get("reconstruction_blur", 0.0),
-                                lc.get("reconstruction_edge", 0.0)).reshape(k, b)
+        # The real pictures (and their edge weights) once, against each candidate row.
+        errors = jax.vmap(lambda f: self._picture_errors(f, real))(
+            fakes.reshape(k, b, *fakes.shape[1:]))
         best = jnp.argmin(errors, axis=0)
         return candidates[best, jnp.arange(b)]
+
+    def _picture_errors(self, fake, real):
+        """The configured reconstruction error of each picture: [B]."""
+        lc = self.config.loss
+        return picture_errors(fake, real, lc.get("reconstruction", "l2"),
+                              lc.get("reconstruction_shift", 0),
+                              lc.get("reconstruction_blur", 0.0),
+                              lc.get("reconstruction_edge", 0.0))
 
     def render(self, generator_params, clip_params, images, tokens, keys):
         """Pictures in [-1, 1] for the conditions of (images, tokens); one key per picture, so
