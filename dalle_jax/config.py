@@ -61,14 +61,15 @@ _OPTIM = {"lr": Field(float, minimum=0), "warmup_steps": Field(int, minimum=0),
           "final_lr_fraction": Field(float, minimum=0), "weight_decay": Field(float, minimum=0),
           "b1": Field(float, minimum=0), "b2": Field(float, minimum=0),
           "eps": Field(float, minimum=0), "clip_norm": Field(float, minimum=0),
-          "ema_decay": Field(float, minimum=0), "clip_separately": _opt(bool)}
+          "ema_decay": Field(float, minimum=0), "clip_separately": _opt(bool),
+          "restart_steps": _opt(int, minimum=0), "restart_lr": _opt(float, minimum=0)}
 
 # data/pipeline.py: shapes, or image-caption folders and tar shards (name, path and the rest).
 _DATA = {"name": Field(str), "split": Field(str), "seed": Field(int),
          "image_size": Field(int, minimum=1), "context_length": Field(int, minimum=2),
          "global_batch": Field(int, minimum=1), "num_threads": Field(int, minimum=0),
          "hard_negatives": Field(int, minimum=0), "minimal_pairs": _opt(bool),
-         "oversample": _opt(str), "path": _opt(str), "eval_path": _opt(str),
+         "oversample": _opt(str), "oversample_from": _opt(int, minimum=0), "path": _opt(str), "eval_path": _opt(str),
          "caption_dropout": _opt(float, minimum=0), "shuffle_buffer": _opt(int, minimum=0),
          "random_crop": _opt(bool)}
 

@@ -130,6 +130,23 @@ def test_oversample_draws_the_named_kinds_that_many_times_as_often():
                  40) == plain
 
 
+def test_oversample_from_keeps_the_plain_stream_before_its_element():
+    spec = "small star:20"
+    plain = pipeline.ShapesBatches("train", 0, 8, 16, global_batch=16)
+    boosted = pipeline.ShapesBatches("train", 0, 8, 16, global_batch=16, oversample=spec)
+    phased = pipeline.ShapesBatches("train", 0, 8, 16, global_batch=16, oversample=spec,
+                                    oversample_from=3)
+    for k in range(6):
+        want = plain[k] if k < 3 else boosted[k]
+        np.testing.assert_array_equal(phased[k]["image"], want["image"])
+        np.testing.assert_array_equal(phased[k]["tokens"], want["tokens"])
+    # The two streams differ from element 3 on, so the comparison above can fail.
+    assert not np.array_equal(plain[3]["tokens"], boosted[3]["tokens"])
+    with pytest.raises(ValueError, match="oversample_from must be >= 0"):
+        pipeline.ShapesBatches("train", 0, 8, 16, global_batch=8, oversample=spec,
+                               oversample_from=-1)
+
+
 def test_bad_oversample_is_one_clear_line():
     for spec in ("tiny star:3", "small star", "small star:0.5", "small:3", "small star:x"):
         with pytest.raises(ValueError, match="data.oversample item") as e:

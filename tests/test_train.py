@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 from dalle_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,26 @@ def test_resume_equals_uninterrupted_run(tmp_path):
                  jax.device_get(straight.opt_state))
     lines = open(tmp_path / "resumed" / "metrics.jsonl").read().splitlines()
     assert len(lines) == 6  # one per step, continued across the restart
+
+
+def test_warm_restart_keeps_the_first_cycle_and_warms_up_again():
+    base = dict(lr=1e-2, warmup_steps=10, final_lr_fraction=0.1)
+    plain = optim.learning_rate_schedule(ml_collections.ConfigDict(base), 100)
+    config = ml_collections.ConfigDict(dict(base, restart_steps=40, restart_lr=3e-3))
+    joined = optim.learning_rate_schedule(config, 140)
+    for step in (0, 5, 10, 50, 99):  # the first cycle is a 100-step run's schedule
+        np.testing.assert_allclose(joined(step), plain(step), rtol=1e-6)
+
+    def cosine(peak, step, warmup, steps):  # warm-up, then cosine to a tenth, by the formula
+        if step < warmup:
+            return peak * step / warmup
+        t = (step - warmup) / (steps - warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t)))
+    for step in (100, 105, 110, 125, 139):
+        np.testing.assert_allclose(joined(step), cosine(3e-3, step - 100, 10, 40), rtol=1e-5)
+    assert float(joined(99)) < 1.1e-3 and float(joined(110)) == pytest.approx(3e-3)
+    with pytest.raises(ValueError, match="restart_steps=40 leaves no first cycle"):
+        optim.learning_rate_schedule(config, 40)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -15,7 +15,10 @@ and the host; the iterator's state (the next k) is saved with each checkpoint.
 With `oversample` (shapes only, e.g. "small star:3,small diamond:3") one-object scenes of a
 named size and shape are drawn that many times as often as the generator makes them, by
 rejection sampling over the scene indices (`ShapesBatches.pick`): still a pure function of the
-step and the host, but element k then holds other scene indices than those above.
+step and the host, but element k then holds other scene indices than those above. With
+`oversample_from` = N > 0 that holds from element N on only, and elements 0 .. N - 1 are the
+plain stream's: a final phase that dwells on rare kinds, inside one run, which up to element N
+is the run without it (so a checkpoint from before N resumes into it exactly).
 
 Image-text data (`data.name = "folder"` or `"shards"`, at `data.path`) gives the same keys.
 Each host reads its own files or shards (`[process_index::process_count]` of the sorted list),
@@ -90,7 +93,8 @@ class ShapesBatches:
 
     def __init__(self, split: str, seed: int, image_size: int, context_length: int,
                  global_batch: int, process_index: int = 0, process_count: int = 1,
-                 hard_negatives: int = 0, minimal_pairs: bool = False, oversample: str = ""):
+                 hard_negatives: int = 0, minimal_pairs: bool = False, oversample: str = "",
+                 oversample_from: int = 0):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} does not split over "
                              f"{process_count} processes")
@@ -105,6 +109,9 @@ class ShapesBatches:
         self.hard_negatives = hard_negatives
         self.minimal_pairs = minimal_pairs
         self.oversample = parse_oversample(oversample)
+        if oversample_from < 0:
+            raise DataError(f"data.oversample_from must be >= 0, got {oversample_from}")
+        self.oversample_from = int(oversample_from)
         self.tokenizer = Tokenizer()
 
     def __len__(self):
@@ -115,7 +122,7 @@ class ShapesBatches:
             images, captions, keys = self._minimal_pairs(k)
         else:
             start = int(k) * self.global_batch + self.offset
-            keys = [self.pick(slot) for slot in range(start, start + self.local_batch)]
+            keys = [self.pick(slot, k) for slot in range(start, start + self.local_batch)]
             images, captions = shapes.examples(keys, split=self.split, seed=self.seed,
                                                size=self.image_size)
         batch = {"image": to_float_images(images),
@@ -135,7 +142,7 @@ class ShapesBatches:
         (2i, or 2i + 1 for a counterfactual) seeds its hard negatives."""
         half = self.local_batch // 2
         first = int(k) * (self.global_batch // 2) + self.offset // 2
-        indices = [self.pick(slot) for slot in range(first, first + half)]
+        indices = [self.pick(slot, k) for slot in range(first, first + half)]
         scenes = [shapes.scene(i, self.split, self.seed) for i in indices]
         scenes += [shapes.counterfactual(sc, np.random.default_rng([self.seed, 2, i]),
                                          allow_held_out=self.split == "eval")
@@ -144,12 +151,13 @@ class ShapesBatches:
         keys = [2 * i for i in indices] + [2 * i + 1 for i in indices]
         return images, [sc.caption for sc in scenes], keys
 
-    def pick(self, slot: int) -> int:
-        """The scene index at position `slot` of the stream: the slot itself, or under
-        `oversample` the first of candidates slot * T + t kept with probability factor /
-        largest factor (a one-object scene of a named size and shape has its factor, any other
-        scene 1), so the stream is still a pure function of the slot."""
-        if not self.oversample:
+    def pick(self, slot: int, k: int) -> int:
+        """The scene index at position `slot` of the stream, in element `k`: the slot itself,
+        or under `oversample` (from element `oversample_from` on) the first of candidates
+        slot * T + t kept with probability factor / largest factor (a one-object scene of a
+        named size and shape has its factor, any other scene 1), so the stream is still a pure
+        function of the slot."""
+        if not self.oversample or int(k) < self.oversample_from:
             return int(slot)
         top = max(self.oversample.values())
         for t in range(_OVERSAMPLE_TRIES):
@@ -215,7 +223,8 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
                                config.context_length, config.global_batch, process_index,
                                process_count, config.hard_negatives,
                                bool(config.get("minimal_pairs", False)),
-                               str(config.get("oversample", "")))
+                               str(config.get("oversample", "")),
+                               int(config.get("oversample_from", 0)))
         return grain.MapDataset.source(source)
     sources = {"folder": files.FolderSource, "shards": shards.ShardSource}
     if config.name not in sources:
@@ -230,6 +239,9 @@ def make_dataset(config, process_index: int = 0, process_count: int = 1):
                         f"data.name={config.name}")
     if config.get("oversample", ""):
         raise DataError(f"data.oversample needs shapes scenes; set it to '' for "
+                        f"data.name={config.name}")
+    if config.get("oversample_from", 0):
+        raise DataError(f"data.oversample_from needs shapes scenes; set it to 0 for "
                         f"data.name={config.name}")
     if config.global_batch % process_count:
         raise DataError(f"global batch {config.global_batch} does not split over "

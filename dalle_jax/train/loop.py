@@ -206,6 +206,8 @@ def _build(config, workdir: str, task=None) -> _Run:
         if lr_scale != 1.0:
             optim_config = config.optim.copy_and_resolve_references()
             optim_config.lr = config.optim.lr * lr_scale
+            if "restart_lr" in optim_config:
+                optim_config.restart_lr = config.optim.restart_lr * lr_scale
         tx, schedule = optim.make_optimizer(optim_config, config.total_steps)
         return jax.jit(
             state_lib.make_train_step(task.grad_fn, tx, schedule, config.optim.ema_decay,

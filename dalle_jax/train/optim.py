@@ -15,11 +15,30 @@ def decay_mask(params):
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `lr`, then cosine decay to `lr * final_lr_fraction`."""
-    warmup = min(int(config.warmup_steps), max(total_steps - 1, 0))
+    """Linear warm-up from 0 to `lr`, then cosine decay to `lr * final_lr_fraction`.
+
+    With `restart_steps` = R > 0 that cycle spans the first total_steps - R steps, and the last
+    R are a second one, warmed up again to `restart_lr` and decayed to `restart_lr *
+    final_lr_fraction`: a warm restart (SGDR, Loshchilov and Hutter 2017). The first cycle is
+    the schedule of a run of total_steps - R steps, so such a run's checkpoints resume into it.
+    """
+    restart = int(config.get("restart_steps", 0) or 0)
+    if restart <= 0:
+        return _cycle(config.lr, config, total_steps)
+    if restart >= total_steps:
+        raise ValueError(f"optim.restart_steps={restart} leaves no first cycle in "
+                         f"total_steps={total_steps}")
+    first = total_steps - restart
+    return optax.join_schedules(
+        [_cycle(config.lr, config, first),
+         _cycle(float(config.get("restart_lr", config.lr)), config, restart)], [first])
+
+
+def _cycle(lr: float, config, steps: int) -> optax.Schedule:
+    warmup = min(int(config.warmup_steps), max(steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.final_lr_fraction)
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=lr * config.final_lr_fraction)
 
 
 def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
