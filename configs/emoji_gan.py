@@ -15,8 +15,10 @@ from dalle_jax import config as config_lib
 
 
 def get_config():
-    c = config_lib.sibling(__file__, "shapes_gan.py")  # the shapes stages, on emoji at 64 px
+    gan = config_lib.sibling_module(__file__, "shapes_gan.py")
+    c = gan.get_config()  # the shapes stages, on emoji at 64 px
     c.clip = config_lib.sibling(__file__, "emoji_clip.py")
+    c.prior = gan.flow_prior()  # the prior its figures in benchmarks/RESULTS.md were measured with
     data = c.clip.data.to_dict()
     c.prior.data = dict(data, global_batch=128)
     c.prior.total_steps = 200

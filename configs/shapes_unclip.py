@@ -23,15 +23,7 @@ def get_config():
     c.clip = config_lib.sibling(__file__, "shapes_clip.py")
     c.clip.import_from = "shipped:gan"
 
-    # Width 128: the Transformer reads 20 tokens per embedding, ~4x the cost of the flow prior's
-    # MLP at width 256 (benchmarks/bench_unclip.py); 1,500 steps of 256 take 15 minutes on an
-    # idle 2-core Xeon (438 images/s; 25 minutes beside other work).
-    c.prior = gan._common("diffusion_prior", total_steps=1500, global_batch=256, lr=1e-3,
-                          ema_decay=0.99)
-    c.prior.model = dict(width=128, depth=4, num_heads=4, schedule="cosine", num_timesteps=1000,
-                         prediction="x0", text_drop_prob=0.1)
-    c.prior.eval_every = 500
-    c.prior.eval = dict(num_examples=500, use_ema=True, sample_steps=25, guidance_scale=1.0)
+    c.prior = gan.diffusion_prior()  # the GAN pipeline's prior too
 
     # 42.8 images/s on an idle 2-core Xeon: 3,000 steps of 64 take 75-80 minutes. v-prediction
     # with min-SNR-5 weighting (Salimans & Ho 2022; Hang et al. 2023), not eps: the eps decoder

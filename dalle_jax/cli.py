@@ -165,13 +165,15 @@ def sample_main(argv=None) -> int:
 SAMPLING_FLAGS = (
     ("truncation", float, "GAN: 1 = full diversity (default); smaller pulls toward each "
      "prompt's mean style"),
-    ("prior_temperature", float, "GAN: the prior's starting noise scale (default 0.5; 1 = full "
-     "diversity, lower stays nearer each prompt's typical picture)"),
+    ("prior_temperature", float, "GAN with a flow prior: its starting noise scale (default 0.5; "
+     "1 = full diversity, lower stays nearer each prompt's typical picture)"),
     ("steps", int, "unCLIP: decoder DDIM steps (default 50)"),
     ("guidance_scale", float, "unCLIP: decoder classifier-free guidance (default 3; 1 = none)"),
     ("eta", float, "unCLIP: DDIM eta, 0 deterministic, 1 ancestral (default 1)"),
-    ("prior_steps", int, "unCLIP: prior DDIM steps (default 25)"),
-    ("prior_guidance_scale", float, "unCLIP: prior classifier-free guidance (default 1)"),
+    ("prior_steps", int, "a diffusion prior's DDIM steps (unCLIP: default 25; a GAN holding "
+     "one: default 10)"),
+    ("prior_guidance_scale", float, "a diffusion prior's classifier-free guidance (unCLIP, or a "
+     "GAN holding one; default 1)"),
 )
 
 

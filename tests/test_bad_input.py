@@ -19,9 +19,9 @@ from PIL import Image
 
 from dalle_jax import bundle, cli, evaluate
 from dalle_jax import config as config_lib
-from dalle_jax.models import flow_prior
+from dalle_jax.models import prior as prior_lib
 from dalle_jax.pipeline import Pipeline, PromptError
-from dalle_jax.train import prior as prior_family
+from dalle_jax.train import unclip
 from dalle_jax.train.clip import CLIPTask
 from dalle_jax.train.gan import GANTask
 
@@ -31,7 +31,7 @@ GAN_CONFIG = os.path.join(ROOT, "configs", "shapes_gan.py")
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "prior.model.sample_steps=4", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+         "prior.model.num_heads=2", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
 ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
@@ -47,8 +47,8 @@ def model_file(tmp_path_factory):
         lambda s: (rng.standard_normal(s.shape) * 0.05).astype(s.dtype), tree)
     key = jax.random.PRNGKey(0)
     clip_params = fill(jax.eval_shape(clip_task.init_params, key))
-    prior_model = prior_family.build_model(config.prior, clip_task.model)
-    prior = fill(jax.eval_shape(lambda r: flow_prior.init(prior_model, r, 16), key))
+    prior_model = unclip.build_prior(config.prior, clip_task.model.config)
+    prior = fill(jax.eval_shape(lambda r: prior_lib.init(prior_model, r, 16), key))
     gan = fill(jax.eval_shape(GANTask(config.decoder, clip_params, config.clip).init_params,
                               key))
     configs = {"generator": "gan", **{k: json.loads(config[k].to_json_best_effort())

@@ -20,25 +20,42 @@ from dalle_jax.pipeline import Pipeline, PromptError, slerp
 from dalle_jax.train import stages
 from dalle_jax.train.clip import CLIPTask
 from dalle_jax.train.gan import GANTask
-from dalle_jax.train.prior import PriorTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GAN_CONFIG = os.path.join(ROOT, "configs/shapes_gan.py")
+# configs/shapes_gan.py made small; its prior is the diffusion one (DIFFUSION_PRIOR), and
+# small_config swaps in the flow prior (FLOW_PRIOR) unless asked for the config's own.
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "prior.model.sample_steps=4", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+         "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+FLOW_PRIOR = ["prior.model.sample_steps=4"]
+DIFFUSION_PRIOR = ["prior.model.num_heads=2", "prior.eval.sample_steps=2"]
 
 
-def small_config(*overrides):
-    return config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), [*SMALL, *overrides])
+def small_config(*overrides, prior: str = "flow"):
+    """The GAN pipeline config, small, with the flow prior or (prior="diffusion") the
+    config's own diffusion prior."""
+    config = config_lib.load(GAN_CONFIG)
+    if prior == "flow":
+        config.prior = config_lib.sibling_module(GAN_CONFIG, "shapes_gan.py").flow_prior()
+    return config_lib.validate(config_lib.apply_overrides(
+        config, [*SMALL, *(FLOW_PRIOR if prior == "flow" else DIFFUSION_PRIOR), *overrides]))
 
 
-def write_random_model(directory: str, *overrides) -> str:
+def write_random_model(directory: str, *overrides, prior: str = "flow") -> str:
     """A randomly initialised GAN pipeline (small_config) exported to directory/model.npz."""
-    config = small_config(*overrides)
+    prior_kind = prior
+    config = small_config(*overrides, prior=prior_kind)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
-    prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
+    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
+        jax.random.PRNGKey(1))
     prior = jax.tree.map(lambda x: x + 0.01, prior)  # zero-initialised heads would hide bugs
+    if prior_kind == "diffusion":  # ... and a constant shift leaves its x0 head deaf to the noise
+        leaves, tree = jax.tree.flatten(prior)
+        noise = np.random.default_rng(3)
+        prior = tree.unflatten([x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype)
+                                for x in leaves])
     gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
     path = os.path.join(directory, "model.npz")
     stages.export(path, config, clip_params, prior, gan["generator"])
@@ -162,11 +179,11 @@ def test_a_decoder_with_cross_attention_reads_the_prompt_and_decodes_images_with
         tmp_path):
     """generate() hands the prompt's token features to a decoder's cross-attention;
     variations (an image vector alone) hand it none, so the layer's weights cannot move them."""
-    config = config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"),
-                             SMALL + ["decoder.model.cross_attention_res=(8,)",
-                                      "decoder.model.text_drop_prob=0.5"])
+    config = small_config("decoder.model.cross_attention_res=(8,)",
+                          "decoder.model.text_drop_prob=0.5")
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
-    prior = PriorTask(config.prior, clip_params, config.clip).init_params(jax.random.PRNGKey(1))
+    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
+        jax.random.PRNGKey(1))
     gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
     assert "b8_xattn" in gan["generator"]["synthesis"]
     path = str(tmp_path / "model.npz")
@@ -179,6 +196,30 @@ def test_a_decoder_with_cross_attention_reads_the_prompt_and_decodes_images_with
     other = Pipeline(pipe.meta, pipe.params, path, batch_size=4)
     assert not np.array_equal(other.generate(PROMPTS[:2], seed=1), source)
     np.testing.assert_array_equal(other.variations(source, num=2, seed=2), var)
+
+
+def test_a_gan_model_with_the_diffusion_prior(tmp_path):
+    """The GAN's prior slot holds unCLIP's diffusion prior: generate() draws the vectors
+    `unclip.sample_prior` draws for the same keys and decodes them, its options are the
+    diffusion prior's (prior_steps reaches it), and the flow prior's option is one clear line."""
+    from dalle_jax import pipeline as pipeline_lib
+    from dalle_jax.train import unclip
+    path = write_random_model(str(tmp_path), prior="diffusion")
+    pipe = Pipeline.load(path, batch_size=2)
+    assert pipe.options() == {"truncation": 1.0, "prior_steps": 10, "prior_guidance_scale": 1.0}
+    got = pipe.generate(PROMPTS, seed=3, prior_steps=4)
+    keys = pipeline_lib.picture_keys(3, [(i, 0) for i in range(len(PROMPTS))])
+    prior_keys = jax.vmap(lambda k: jax.random.split(k))(keys)[:, 0]
+    text_embed, features, mask = pipe._encode_text(pipe.params, pipe.tokenize(PROMPTS))
+    vectors = unclip.sample_prior(pipe.generator.prior, pipe.params["prior"], text_embed,
+                                  features, mask, prior_keys, 4, 1.0, num_candidates=1)
+    np.testing.assert_array_equal(got, pipe.decode(np.asarray(vectors), keys))
+    assert not np.array_equal(got, pipe.generate(PROMPTS, seed=3, prior_steps=2))
+    with pytest.raises(ValueError, match="not an option of the gan generator with a diffusion "
+                                         "prior; its options: truncation, prior_steps"):
+        pipe.generate(PROMPTS, prior_temperature=0.5)
+    with pytest.raises(ValueError, match="prior_steps must be an integer"):
+        pipe.generate(PROMPTS, prior_steps=0)
 
 
 def test_a_decoder_at_twice_the_clip_side(tmp_path):
@@ -402,7 +443,7 @@ def test_images_load_any_mode(tmp_path):
 
 def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
     """train.py on the pipeline config: three stages, each resumable, then a loadable model."""
-    overrides = SMALL + [f"{s}.{k}" for s in ("clip", "prior", "decoder")
+    overrides = SMALL + DIFFUSION_PRIOR + [f"{s}.{k}" for s in ("clip", "prior", "decoder")
                          for k in ("total_steps=2", "eval_every=0", "progress_bar=False",
                                    "checkpoint_every=1", "data.global_batch=8")]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
@@ -430,9 +471,8 @@ def test_a_new_decoder_on_a_model_files_clip_and_prior(tmp_path, model_file):
     the generator trains, and the new file carries the old CLIP and prior unchanged."""
     run = [f"decoder.{k}" for k in ("total_steps=1", "eval_every=0", "progress_bar=False",
                                     "data.global_batch=8")]
-    config = config_lib.load(os.path.join(ROOT, "configs/shapes_gan.py"), SMALL + run + [
-        f"clip.import_from={model_file}", f"prior.import_from={model_file}",
-        f"decoder.init_from={model_file}"])
+    config = small_config(*run, f"clip.import_from={model_file}",
+                          f"prior.import_from={model_file}", f"decoder.init_from={model_file}")
     path = stages.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["decoder", "model.npz"]  # no clip or prior run
     old_meta, old = bundle.load(model_file)

@@ -221,7 +221,7 @@ def test_sigterm_inside_the_pipeline_stops_its_stage_and_the_rerun_finishes(tmp_
                  + ["clip.total_steps=2"]
                  + [f"prior.{o}" for o in stage] + ["prior.total_steps=40", "prior.model.width=32",
                                                     "prior.model.depth=1",
-                                                    "prior.model.sample_steps=2"]
+                                                    "prior.model.num_heads=2"]
                  + [f"decoder.{o}" for o in stage] + [
                      "decoder.total_steps=2", "decoder.model.channels=(16, 16, 8)",
                      "decoder.model.d_channels=(8, 16, 16)", "decoder.model.z_dim=8",
