@@ -6,7 +6,7 @@ sampling throughput of the whole text-to-image Pipeline at batch 1 and 64.
 Training FLOPs come from XLA's cost analysis of the compiled step (both players, forward and
 backward, optimizer); MFU is against the float32 matmul peak measured in the same run. Sampling
 is timed after compilation on the shipped model (or --checkpoint): prompt -> CLIP text tower ->
-prior (its Euler steps) -> generator, pictures as uint8 on the host.
+prior (its DDIM or Euler steps) -> generator, pictures as uint8 on the host.
 """
 
 from __future__ import annotations

@@ -373,7 +373,7 @@ def run_peer(spec: dict, timeout: float = 1800, passive: bool = False) -> list[d
 def bench_sampling_all(q: int, report, threads: int = 2, passive: bool = False) -> None:
     b = SAMPLING["gan_batch"][q]
     gan = bench_gan.bench_sampling(None, b, SAMPLING["gan_reps"][q])
-    report.sampling.append(("GAN Pipeline.generate (shipped; prompt -> CLIP -> flow prior -> "
+    report.sampling.append(("GAN Pipeline.generate (shipped; prompt -> CLIP -> prior -> "
                             "generator)", b, "1 forward", gan["images_per_s"]))
     b, steps, guidance = SAMPLING["unet_batch"][q], SAMPLING["steps"], SAMPLING["guidance"]
     clip_config = _clip_config()

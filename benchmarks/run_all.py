@@ -158,8 +158,9 @@ def bench_gan_train(report, q, dt, dtype_label):
                    r["images_per_s"], r["gflops_per_s"], scale=("GAN decoder train, px", px))
     pb = SIZES["prior_batch"][q]
     r = bench_gan.bench_stage("prior", steps, common + (f"prior.data.global_batch={pb}",))
-    report.add("flow prior", "train", pb, "-", mixed, r["step_s"], r["images_per_s"],
-               r["gflops_per_s"])
+    name = {"prior": "flow prior", "diffusion_prior": "diffusion prior (GAN config)"}
+    report.add(name.get(r["family"], r["family"]), "train", pb, "-", mixed, r["step_s"],
+               r["images_per_s"], r["gflops_per_s"])
 
 
 def bench_gan_sample(report, q, dt, dtype_label):

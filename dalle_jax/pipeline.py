@@ -126,7 +126,8 @@ def candidate_keys(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 class GANGenerator:
-    """The GAN path: flow-matching prior, StyleGAN2-style generator (one forward pass)."""
+    """The GAN path: a prior (diffusion or flow matching), StyleGAN2-style generator (one forward
+    pass)."""
 
     name = "gan"
 
