@@ -74,11 +74,19 @@ def get_config():
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
     c.decoder = _common("gan", total_steps=7000, global_batch=64, lr=1e-2, ema_decay=0.995)
     c.decoder.optim.b1 = 0.0  # StyleGAN2's Adam betas (0, 0.99)
+    # optim.restart_steps = R adds a warm restart (to optim.restart_lr) over the last R steps:
+    # 600 steps to 3e-3 after this run's 7,000 gave the pipeline (with the flow prior) 74.9 /
+    # 71.7% against 72.6 / 71.5%, about one standard error, for 9% more time; 300 steps, 73.3 /
+    # 71.0% (benchmarks/RESULTS.md, session 26). Off.
     # oversample="small star:3,small diamond:3" draws those one-object scenes 3x as often (15 ->
     # 34% of pictures): decoder-alone 77 / 81% at step 7,000, but the whole pipeline's one-object
     # adherence 69.7 / 72.2% against 70.0 / 72.8%, small stars still blobs (2%), small diamonds
     # 11% against 0; at 10, a 600-step fine-tune took small diamonds from 0 to 32% and left
     # small stars at 1% (benchmarks/RESULTS.md, session 23). Not the default.
+    # With data.oversample_from = N it applies from step N on only (a final phase in one run):
+    # "small star:20" over the last 250 steps of this run's schedule changed nothing (with the
+    # flow prior 71.3 / 71.5% against 72.6 / 71.5%, small diamonds 19%; benchmarks/RESULTS.md,
+    # session 26).
     c.decoder.data.oversample = ""
     # 32 px, not 64: decoder.data.image_size=64 with channels (64, 64, 32, 16, 8) and
     # d_resolution=32 (the CLIP reads the pictures box-downsampled) took the decoder stage 101
