@@ -61,8 +61,9 @@ def get_config():
     # unCLIP's diffusion prior, not the flow-matching one: fed to the same decoder on 1,000 eval
     # captions, one-object prompts right 75.6 / 78.1% (seen / held-out pairs) against 72.6 /
     # 71.5%; the flow prior's vectors for prompts that leave the background open fell between
-    # two backgrounds' (a grey of 50 or 210) for 44 of 696 one-object pictures, this one's for
-    # 1 (benchmarks/RESULTS.md, session 26). It trains 15 minutes here, the flow prior 11.
+    # two backgrounds' (a grey between black and grey, or grey and white) for 44 of 696
+    # one-object pictures, this one's for 1-2 (benchmarks/RESULTS.md, session 26). It trains 15
+    # minutes here, the flow prior 11.
     # `c.prior = flow_prior()` gives the flow prior back (options: truncation, prior_temperature).
     c.prior = diffusion_prior()
 

@@ -69,9 +69,9 @@ _DATA = {"name": Field(str), "split": Field(str), "seed": Field(int),
          "image_size": Field(int, minimum=1), "context_length": Field(int, minimum=2),
          "global_batch": Field(int, minimum=1), "num_threads": Field(int, minimum=0),
          "hard_negatives": Field(int, minimum=0), "minimal_pairs": _opt(bool),
-         "oversample": _opt(str), "oversample_from": _opt(int, minimum=0), "path": _opt(str), "eval_path": _opt(str),
-         "caption_dropout": _opt(float, minimum=0), "shuffle_buffer": _opt(int, minimum=0),
-         "random_crop": _opt(bool)}
+         "oversample": _opt(str), "oversample_from": _opt(int, minimum=0), "path": _opt(str),
+         "eval_path": _opt(str), "caption_dropout": _opt(float, minimum=0),
+         "shuffle_buffer": _opt(int, minimum=0), "random_crop": _opt(bool)}
 
 # What dalle_jax/train/loop.py, optim.py, sharding.py and data/pipeline.py read of any family.
 # `dtype` is the compute dtype; only the CLIP towers have a bfloat16 path so far, so the other

@@ -53,9 +53,10 @@ from dalle_jax.train import clip as clip_family
 # The GAN's options are those of both its priors; a model takes the ones of the prior it holds
 # (`GANGenerator.option_names`). Its diffusion prior runs 10 DDIM steps and draws one candidate
 # (`GAN_PRIOR_CANDIDATES`), where unCLIP's runs 25 and keeps the better of two: on the shipped
-# model's 1,000 eval captions one-object prompts came out right 76.9 / 79.4% (seen / held-out
-# pairs) so, against 75.6 / 78.1% at 25 steps and two candidates (71.0 / 71.2% at 5 steps), at
-# 4-5x the pictures per second (benchmarks/RESULTS.md, session 26).
+# model's 1,000 eval captions one-object prompts came out right 76.9 / 79.4% of the time (seen
+# / held-out pairs) so, 75.6 / 78.1% at 25 steps and two candidates (71.0 / 71.2% at 5 steps
+# and two), and the pipeline drew about 5x the pictures per second (benchmarks/RESULTS.md,
+# session 26).
 OPTIONS = {
     "gan": {"truncation": 1.0, "prior_temperature": 0.5, "prior_steps": 10,
             "prior_guidance_scale": 1.0},
