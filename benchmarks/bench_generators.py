@@ -158,8 +158,8 @@ def main(argv=None):
     parser.add_argument("--unclip-steps", nargs="+", type=int, default=[25, 50],
                         help="adherence: unCLIP decoder steps to score")
     parser.add_argument("--prior-temperature", nargs="+", type=float, metavar="T",
-                        help="adherence: GAN rows at these prior temperatures (default: the "
-                        "Pipeline's)")
+                        help="adherence: GAN rows at these prior temperatures, for a GAN "
+                        "model with a flow prior (default: the Pipeline's)")
     parser.add_argument("--rerank", nargs="+", type=int, default=[1], metavar="K",
                         help="adherence: also score the best of K candidates by CLIP "
                         "(Pipeline.generate's rerank)")
