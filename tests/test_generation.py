@@ -45,20 +45,20 @@ def small_config(*overrides, prior: str = "flow"):
 
 def write_random_model(directory: str, *overrides, prior: str = "flow") -> str:
     """A randomly initialised GAN pipeline (small_config) exported to directory/model.npz."""
-    prior_kind = prior
-    config = small_config(*overrides, prior=prior_kind)
+    config = small_config(*overrides, prior=prior)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
-    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
+    prior_params = stages.build_task(config.prior, clip_params, config.clip).init_params(
         jax.random.PRNGKey(1))
-    prior = jax.tree.map(lambda x: x + 0.01, prior)  # zero-initialised heads would hide bugs
-    if prior_kind == "diffusion":  # ... and a constant shift leaves its x0 head deaf to the noise
-        leaves, tree = jax.tree.flatten(prior)
+    # Zero-initialised heads would hide bugs ...
+    prior_params = jax.tree.map(lambda x: x + 0.01, prior_params)
+    if prior == "diffusion":  # ... and a constant shift leaves its x0 head deaf to the noise
+        leaves, tree = jax.tree.flatten(prior_params)
         noise = np.random.default_rng(3)
-        prior = tree.unflatten([x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype)
-                                for x in leaves])
+        prior_params = tree.unflatten([x + 0.1 * noise.standard_normal(x.shape).astype(x.dtype)
+                                       for x in leaves])
     gan = GANTask(config.decoder, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
     path = os.path.join(directory, "model.npz")
-    stages.export(path, config, clip_params, prior, gan["generator"])
+    stages.export(path, config, clip_params, prior_params, gan["generator"])
     return path
 
 
