@@ -123,6 +123,10 @@ def sample_main(argv=None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pipe = Pipeline.load(args.checkpoint, generator=args.generator)
+            try:  # what this model's prior takes (a GAN holds one of two)
+                pipe.options(options)
+            except ValueError as e:
+                return _fail(one_line(str(e)))
             s = pipe.image_size
             if args.variations:
                 pictures = pipe.variations(images_lib.load_image(args.variations, s), args.num,

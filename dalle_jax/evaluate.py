@@ -369,7 +369,8 @@ def main(argv=None) -> int:
             return _error(one_line(problem))
     try:
         pipe = Pipeline.load(args.checkpoint, generator=args.generator, batch_size=64)
-    except bundle.BundleError as e:
+        pipe.options(options)  # what this model's prior takes (a GAN holds one of two)
+    except (bundle.BundleError, ValueError) as e:
         return _error(one_line(str(e)))
     if fid_net is None:
         print("FID and KID skipped: no --fid-weights given", file=sys.stderr)

@@ -424,6 +424,22 @@ def test_sample_cli_bad_input_is_one_line(args, message, model_file):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
+def test_the_other_priors_option_is_one_line_in_both_commands(tmp_path):
+    path = write_random_model(str(tmp_path), prior="diffusion")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    for r in (run_sample("a red circle", "--prior-temperature", "0.5", "--checkpoint", path,
+                         "--out", str(tmp_path / "x.png")),
+              subprocess.run([sys.executable, "-m", "dalle_jax.evaluate", "--checkpoint", path,
+                              "--num", "2", "--prior-temperature", "0.5", "--out",
+                              str(tmp_path / "r.json")], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=env)):
+        assert r.returncode != 0
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+        assert "not an option of the gan generator with a diffusion prior" in lines[0]
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r.json").exists()
+
+
 def test_images_load_any_mode(tmp_path):
     cases = {"rgba.png": Image.new("RGBA", (20, 10), (255, 0, 0, 0)),
              "grey.png": Image.new("L", (10, 10), 128),
