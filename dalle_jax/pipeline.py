@@ -126,6 +126,16 @@ def candidate_keys(keys: np.ndarray, k: int) -> np.ndarray:
     return out.reshape(-1, keys.shape[-1])
 
 
+def _check_diffusion_prior(options: dict):
+    """A diffusion prior's options, where given (unCLIP's, or a GAN's that holds one)."""
+    steps = options.get("prior_steps", 1)
+    if not (isinstance(steps, int) and 1 <= steps <= 1000):
+        raise ValueError(f"prior_steps must be an integer from 1 to 1000, not {steps!r}")
+    scale = options.get("prior_guidance_scale", 1.0)
+    if not 0.0 <= scale <= 20.0:
+        raise ValueError(f"prior_guidance_scale must be between 0 and 20, not {scale}")
+
+
 class GANGenerator:
     """The GAN path: a prior (diffusion or flow matching), StyleGAN2-style generator (one forward
     pass)."""
@@ -137,6 +147,7 @@ class GANGenerator:
         self.diffusion_prior = configs["prior"].get("family") == "diffusion_prior"
         if self.diffusion_prior:
             from dalle_jax.train import unclip
+            self._unclip = unclip
             self.prior = unclip.build_prior(configs["prior"], clip_config)
             self.option_names = ("truncation", "prior_steps", "prior_guidance_scale")
         else:
@@ -156,16 +167,15 @@ class GANGenerator:
         for key in ("truncation", "prior_temperature"):
             if key in options and not 0.0 <= options[key] <= 2.0:
                 raise ValueError(f"{key} must be between 0 and 2, not {options[key]}")
-        UnCLIPGenerator.check_prior(options)
+        _check_diffusion_prior(options)
 
     def sample_prior(self, p, text_embed, features, mask, keys, options):
         if self.condition == "text":  # the StyleGAN-T way: the decoder reads the text vector
             return text_embed
         if self.diffusion_prior:
-            from dalle_jax.train import unclip
-            return unclip.sample_prior(self.prior, p["prior"], text_embed, features, mask, keys,
-                                       options["prior_steps"], options["prior_guidance_scale"],
-                                       num_candidates=GAN_PRIOR_CANDIDATES)
+            return self._unclip.sample_prior(
+                self.prior, p["prior"], text_embed, features, mask, keys, options["prior_steps"],
+                options["prior_guidance_scale"], num_candidates=GAN_PRIOR_CANDIDATES)
         return flow_prior.sample(self.prior, p["prior"], text_embed, features, mask, keys,
                                  temperature=options["prior_temperature"])
 
@@ -209,7 +219,7 @@ class UnCLIPGenerator:
 
     @staticmethod
     def check(options: dict):
-        UnCLIPGenerator.check_prior(options)
+        _check_diffusion_prior(options)
         if not (isinstance(options["steps"], int) and 1 <= options["steps"] <= 1000):
             raise ValueError(f"steps must be an integer from 1 to 1000, not {options['steps']!r}")
         if not 0.0 <= options["guidance_scale"] <= 20.0:
@@ -217,16 +227,6 @@ class UnCLIPGenerator:
                              f"{options['guidance_scale']}")
         if not 0.0 <= options["eta"] <= 1.0:
             raise ValueError(f"eta must be between 0 and 1, not {options['eta']}")
-
-    @staticmethod
-    def check_prior(options: dict):
-        """The diffusion prior's options, where given (the GAN may hold that prior too)."""
-        steps = options.get("prior_steps", 1)
-        if not (isinstance(steps, int) and 1 <= steps <= 1000):
-            raise ValueError(f"prior_steps must be an integer from 1 to 1000, not {steps!r}")
-        scale = options.get("prior_guidance_scale", 1.0)
-        if not 0.0 <= scale <= 20.0:
-            raise ValueError(f"prior_guidance_scale must be between 0 and 20, not {scale}")
 
     def sample_prior(self, p, text_embed, features, mask, keys, options):
         return self._unclip.sample_prior(self.prior, p["prior"], text_embed, features, mask,
