@@ -85,9 +85,11 @@ def reconstruction_error(fake, real, kind: str = "l2", max_shift: int = 0, blur:
 
     Why: the CLIP vector fixes where an object sits only roughly (captioned shapes jitter each
     object by up to 4% of the canvas, 1.3 px at 32 px), and the plain error's optimum under that
-    doubt is the average over positions, a blob in which a small star, diamond or triangle
-    no longer reads as its shape (the mean of 64 jittered small stars never does). Under the
-    minimum over shifts a sharp object anywhere within s pixels costs nothing extra.
+    doubt is the average over positions, a blob in which a small star, square or diamond
+    often no longer reads as its shape (the mean over the jitter reads as a small star 35% of
+    the time, a small square 71%, a small diamond 85%; `benchmarks/shape_ceiling.py`). Under the
+    minimum over shifts a sharp object anywhere within s pixels costs nothing extra (the mean
+    over what jitter is left after s = 1 reads right every time).
 
     ``blur`` = sigma > 0 compares the two pictures after a Gaussian blur of sigma pixels, so that
     the term holds the low frequencies (where an object is, how large, which colours) and leaves
