@@ -29,6 +29,7 @@ def get_config():
 
     c.decoder.data = dict(data, global_batch=32)
     c.decoder.total_steps = 500
+    c.decoder.optim.restart_steps = 0  # no final phase: the shapes one dwells on shapes' kinds
     c.decoder.optim.lr = 5e-3  # the rate its figures in benchmarks/RESULTS.md were measured at
     c.decoder.model.channels = (64, 64, 32, 16, 16)   # 4, 8, 16, 32, 64 px
     c.decoder.model.d_channels = (16, 16, 32, 64, 128)

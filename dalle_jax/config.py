@@ -299,6 +299,21 @@ def _check_block(config, schema: dict, prefix: str, where: str):
                 with config.unlocked():  # a ConfigDict field keeps its first type: replace it
                     del config[key]
                     config[key] = float(value)
+    _check_restart(config, prefix, where)
+
+
+def _check_restart(config, prefix: str, where: str):
+    """A warm restart (`optim.restart_steps`) must leave the run a first cycle: a shortened run
+    (`decoder.total_steps=500` on a config with a 600-step final phase) says so before any
+    stage trains, not when its schedule is built."""
+    optim = config.get("optim")
+    if "total_steps" not in config or not isinstance(optim, ml_collections.ConfigDict):
+        return
+    restart, total = int(optim.get("restart_steps", 0) or 0), config.total_steps
+    if restart > 0 and restart >= total:
+        raise ConfigError(f"{where}{prefix}optim.restart_steps={restart} must be less than "
+                          f"{prefix}total_steps={total}; {prefix}optim.restart_steps=0 turns "
+                          "the warm restart off")
 
 
 def validate(config: ml_collections.ConfigDict, where: str = "") -> ml_collections.ConfigDict:

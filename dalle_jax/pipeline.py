@@ -52,8 +52,8 @@ from dalle_jax.train import clip as clip_family
 # backgrounds it leaves open (4.7 and 2.8 at 1; 3.7 and 2.5 at 0.3; benchmarks/RESULTS.md).
 # The GAN's options are those of both its priors; a model takes the ones of the prior it holds
 # (`GANGenerator.option_names`). Its diffusion prior runs 10 DDIM steps and draws one candidate
-# (`GAN_PRIOR_CANDIDATES`), where unCLIP's runs 25 and keeps the better of two: on the shipped
-# model's 1,000 eval captions one-object prompts came out right 76.9 / 79.4% of the time (seen
+# (`GAN_PRIOR_CANDIDATES`), where unCLIP's runs 25 and keeps the better of two: on session 26's
+# GAN model's 1,000 eval captions one-object prompts came out right 76.9 / 79.4% of the time (seen
 # / held-out pairs) so, 75.6 / 78.1% at 25 steps and two candidates (71.0 / 71.2% at 5 steps
 # and two), and the pipeline drew about 5x the pictures per second (benchmarks/RESULTS.md,
 # session 26).

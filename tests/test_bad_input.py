@@ -31,7 +31,8 @@ GAN_CONFIG = os.path.join(ROOT, "configs", "shapes_gan.py")
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "prior.model.num_heads=2", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+         "prior.model.num_heads=2", "decoder.model.w_dim=16", "decoder.model.z_dim=8",
+         "decoder.optim.restart_steps=0"]
 ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
@@ -148,6 +149,12 @@ def test_config_schema_accepts_the_shipped_configs_and_ints_for_floats(tmp_path)
     # Overrides are checked against the schema too, not only against the old value's type.
     with pytest.raises(config_lib.ConfigError, match="sharding.params must be one of"):
         config_lib.load(CLIP_CONFIG, ["sharding.params=zero3"])
+    # A run shortened below its final phase's warm restart is told so before anything trains.
+    with pytest.raises(config_lib.ConfigError, match=r"decoder.optim.restart_steps=600 must be "
+                       r"less than decoder.total_steps=500; decoder.optim.restart_steps=0 "):
+        config_lib.load(GAN_CONFIG, ["decoder.total_steps=500"])
+    assert config_lib.load(GAN_CONFIG, ["decoder.total_steps=500",
+                                        "decoder.optim.restart_steps=0"]).decoder.total_steps == 500
     with pytest.raises(config_lib.ConfigError, match="could not load config .*ZeroDivisionError"):
         config_lib.load(write_config(tmp_path, CLIP_CONFIG, "1 / 0"))
 

@@ -28,7 +28,7 @@ GAN_CONFIG = os.path.join(ROOT, "configs/shapes_gan.py")
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
+         "decoder.model.w_dim=16", "decoder.model.z_dim=8", "decoder.optim.restart_steps=0"]
 FLOW_PRIOR = ["prior.model.sample_steps=4"]
 DIFFUSION_PRIOR = ["prior.model.num_heads=2", "prior.eval.sample_steps=2"]
 
@@ -458,10 +458,12 @@ def test_images_load_any_mode(tmp_path):
 
 
 def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
-    """train.py on the pipeline config: three stages, each resumable, then a loadable model."""
+    """train.py on the pipeline config: three stages, each resumable, then a loadable model;
+    the decoder's last step is the config's final phase (warm restart, oversampled kinds)."""
     overrides = SMALL + DIFFUSION_PRIOR + [f"{s}.{k}" for s in ("clip", "prior", "decoder")
                          for k in ("total_steps=2", "eval_every=0", "progress_bar=False",
-                                   "checkpoint_every=1", "data.global_batch=8")]
+                                   "checkpoint_every=1", "data.global_batch=8")] + [
+        "decoder.optim.restart_steps=1", "decoder.data.oversample_from=1"]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
            os.path.join(ROOT, "configs/shapes_gan.py"), "--workdir", str(tmp_path), *overrides]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
