@@ -67,10 +67,11 @@ def get_config():
     # `c.prior = flow_prior()` gives the flow prior back (options: truncation, prior_temperature).
     c.prior = diffusion_prior()
 
-    # 7,000 steps of 64 (first cycle), then a final phase of 600 (below): about 75 minutes at
-    # the 110 images/s of an idle 2-core Xeon with the best-of-8 search (95 at the 83 images/s
-    # of a busier day). 4,500 steps stopped while adherence still climbed: decoder-alone 66 /
-    # 58% against 70 / 69% (benchmarks/RESULTS.md, sessions 7, 12 and 13).
+    # 7,000 steps of 64 (the first cycle), then a final phase of 600 (below): 67 + 5 minutes
+    # at the 113-118 images/s of an idle 2-core Xeon with the best-of-8 search (the first 7,000
+    # took 95 minutes at 83 images/s on a busier day). 4,500 steps stopped while adherence
+    # still climbed: decoder-alone 66 / 58% against 70 / 69% (benchmarks/RESULTS.md, sessions
+    # 7, 12 and 13).
     # lr 1e-2, not 5e-3: the decoder learned the condition much sooner (decoder-alone
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
     c.decoder = _common("gan", total_steps=7600, global_batch=64, lr=1e-2, ema_decay=0.995)
@@ -116,10 +117,9 @@ def get_config():
     # one-object adherence 76.9 / 73.5% against 76.9 / 79.4%, edits 72.8% at 0.4 against
     # 68.3%, variations 77.6% against 80.1%, small stars still blobs; as a 600-step fine-tune
     # with the final phase's oversampling 86.0 / 82.3% against 84.0 / 81.5%: session 27);
-    # reconstruction_blur = sigma > 0 takes it between the two
-    # pictures blurred by a Gaussian of sigma px, leaving edges to D and CLIP (at sigma 1 the
-    # decoder drew textured objects and trailed the shipped run, 42 / 35% against 49 / 43% at
-    # step 2,000; session 16).
+    # reconstruction_blur = sigma > 0 takes it between the two pictures blurred by a Gaussian
+    # of sigma px, leaving edges to D and CLIP (at sigma 1 the decoder drew textured objects
+    # and trailed the shipped run, 42 / 35% against 49 / 43% at step 2,000; session 16).
     # clip_weight 5 adds CLIP guidance, 5 x (1 - cosine between the frozen CLIP's vector of the
     # drawn picture and the condition): the squared error barely tells a rounded square from a
     # circle, CLIP does. Decoder-alone adherence at step 4,500: 66 / 58% at weight 5, 59 / 58% at
