@@ -48,15 +48,12 @@ def mean_picture(sc: S.Scene, rng: np.random.Generator, mode: str, draws: int,
         return S.render(sc, size)
     total = np.zeros((size, size, 3))
     for _ in range(draws):
-        jx, jy = rng.uniform(-S.POSITION_JITTER, S.POSITION_JITTER, 2)
-        w = S.SIZES[o.size_name] * rng.uniform(1 - S.SIZE_JITTER, 1 + S.SIZE_JITTER)
-        h = w * S.HEIGHT_RATIO[o.shape]
-        cx = S._inward((2 * o.col + 1) / 6 + jx, w)
-        cy = S._inward((2 * o.row + 1) / 6 + jy, h)
+        # The generator's own draw of jitter and size for this object's kind and cell.
+        moved = S._make_obj(rng, o.colour, o.shape, o.size_name, o.row, o.col)
         if mode == "aligned":  # the whole-pixel shift nearest the scene's own centre, |s| <= 1
-            cx -= np.clip(np.round((cx - o.cx) * size), -1, 1) / size
-            cy -= np.clip(np.round((cy - o.cy) * size), -1, 1) / size
-        moved = dataclasses.replace(o, size_frac=w, cx=cx, cy=cy)
+            moved = dataclasses.replace(
+                moved, cx=moved.cx - np.clip(np.round((moved.cx - o.cx) * size), -1, 1) / size,
+                cy=moved.cy - np.clip(np.round((moved.cy - o.cy) * size), -1, 1) / size)
         total += S.render(dataclasses.replace(sc, objects=(moved,)), size)
     return np.clip(np.round(total / draws), 0, 255).astype(np.uint8)
 
