@@ -90,9 +90,6 @@ def get_config():
     # flow prior (session 26); "small star:20" alone in the final phase, 75.9 / 74.3% (stars
     # do not learn from exposure here, diamonds do; sessions 23 and 26); oversampling "small
     # star:3,small diamond:3" over the whole run, 69.7 / 72.2% against 70.0 / 72.8% (session 23).
-    # decoder.optim.restart_fresh=True starts the final phase as that fine-tune started: from
-    # the generator's EMA, a new discriminator and new Adam moments (the learning rate as
-    # here). Not yet measured at this length: it needs the 7,000 steps again.
     c.decoder.optim.restart_steps = 600
     c.decoder.optim.restart_lr = 3e-3
     c.decoder.data.oversample = "small star:10,small diamond:10"

@@ -62,8 +62,7 @@ _OPTIM = {"lr": Field(float, minimum=0), "warmup_steps": Field(int, minimum=0),
           "b1": Field(float, minimum=0), "b2": Field(float, minimum=0),
           "eps": Field(float, minimum=0), "clip_norm": Field(float, minimum=0),
           "ema_decay": Field(float, minimum=0), "clip_separately": _opt(bool),
-          "restart_steps": _opt(int, minimum=0), "restart_lr": _opt(float, minimum=0),
-          "restart_fresh": _opt(bool)}
+          "restart_steps": _opt(int, minimum=0), "restart_lr": _opt(float, minimum=0)}
 
 # data/pipeline.py: shapes, or image-caption folders and tar shards (name, path and the rest).
 _DATA = {"name": Field(str), "split": Field(str), "seed": Field(int),
@@ -311,9 +310,6 @@ def _check_restart(config, prefix: str, where: str):
     if "total_steps" not in config or not isinstance(optim, ml_collections.ConfigDict):
         return
     restart, total = int(optim.get("restart_steps", 0) or 0), config.total_steps
-    if optim.get("restart_fresh") and restart <= 0:
-        raise ConfigError(f"{where}{prefix}optim.restart_fresh=True needs a warm restart to "
-                          f"start fresh: set {prefix}optim.restart_steps > 0")
     if restart > 0 and restart >= total:
         raise ConfigError(f"{where}{prefix}optim.restart_steps={restart} must be less than "
                           f"{prefix}total_steps={total}; {prefix}optim.restart_steps=0 turns "

@@ -8,7 +8,6 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from dalle_jax import config as config_lib
@@ -88,43 +87,6 @@ def test_warm_restart_keeps_the_first_cycle_and_warms_up_again():
     assert float(joined(99)) < 1.1e-3 and float(joined(110)) == pytest.approx(3e-3)
     with pytest.raises(ValueError, match="restart_steps=40 leaves no first cycle"):
         optim.learning_rate_schedule(config, 40)
-
-
-def test_fresh_restart_starts_the_second_cycle_from_the_ema_and_resumes_exactly(tmp_path):
-    config = tiny_config("optim.restart_steps=3", "optim.restart_fresh=True")
-    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
-    workdir = str(tmp_path / "resumed")
-    loop.train_and_evaluate(config, workdir, stop_at_step=3)  # the first cycle's end
-    run = loop._build(config, workdir)
-    run.checkpointer.close()
-    before = jax.device_get(run.state)
-    after = jax.device_get(run.restart(run.state))
-    assert int(after.step) == 3
-    jax.tree.map(np.testing.assert_array_equal, after.params, before.ema_params)
-    jax.tree.map(np.testing.assert_array_equal, after.ema_params, before.ema_params)
-    adam = after.opt_state[1][0]
-    assert int(adam.count) == 0
-    assert all(not np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))
-    assert int(before.opt_state[1][0].count) == 3  # (the first cycle's moments were not zero)
-    schedule_counts = [s.count for s in jax.tree.leaves(
-        after.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
-        if isinstance(s, optax.ScaleByScheduleState)]
-    assert [int(c) for c in schedule_counts] == [3]  # the schedule stays where the run is
-    # The second cycle warms up from a learning rate of 0, so its first step leaves the
-    # parameters where the restart put them: the EMA's.
-    fourth = loop.train_and_evaluate(config, workdir, stop_at_step=4)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(fourth.params),
-                 before.ema_params)
-    resumed = loop.train_and_evaluate(config, workdir)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-                 jax.device_get(straight.params))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.opt_state),
-                 jax.device_get(straight.opt_state))
-    plain = loop.train_and_evaluate(tiny_config("optim.restart_steps=3"),
-                                    str(tmp_path / "plain"))
-    assert not all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(jax.device_get(plain.params)),
-        jax.tree.leaves(jax.device_get(straight.params))))
 
 
 def test_gradient_accumulation_equals_one_big_batch():

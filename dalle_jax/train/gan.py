@@ -231,16 +231,6 @@ class GANTask:
         return {"generator": generator,
                 "discriminator": once.jit(self.discriminator.init)(kd, images, cond)["params"]}
 
-    def restart_params(self, ema_params, rng):
-        """The players a warm restart with `optim.restart_fresh` starts from: the generator's
-        EMA and a new discriminator, as a fine-tune (`init_from`) of the finished generator
-        would start."""
-        c = self.gan_config
-        images = jnp.zeros((1, c.disc_resolution, c.disc_resolution, 3))
-        cond = jnp.ones((1, c.cond_dim))
-        return {"generator": ema_params["generator"],
-                "discriminator": self.discriminator.init(rng, images, cond)["params"]}
-
     def to_clip(self, images):
         """Pictures at the decoder's side -> at the CLIP's (box-downsampled; as they are when
         the two sides agree)."""

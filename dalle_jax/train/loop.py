@@ -171,8 +171,6 @@ class _Run:
     abstract: Any  # the state's ShapeDtypeStructs, with shardings
     fresh: Callable[[], Any]  # a newly initialised state
     make_step: Callable[[float], Callable]  # learning-rate scale -> jitted step
-    restart: Callable | None = None  # state -> state, applied before step `restart_at` + 1
-    restart_at: int | None = None
     lr_scale: float = 1.0
     rollbacks: int = 0
 
@@ -218,26 +216,8 @@ def _build(config, workdir: str, task=None) -> _Run:
             out_shardings=(shardings, sharding.replicated(mesh)),
             donate_argnums=(0,))
 
-    restart, restart_at = None, None
-    if config.optim.get("restart_fresh") and config.optim.get("restart_steps"):
-        restart_at = config.total_steps - int(config.optim.restart_steps)
-        restart = jax.jit(lambda state: _restart_fresh(task, tx, state),
-                          in_shardings=(shardings,), out_shardings=shardings, donate_argnums=(0,))
     return _Run(mesh, task, state, iterator, checkpointer, abstract, fresh, make_step,
-                restart, restart_at, lr_scale=float(meta.get("lr_scale", 1.0)),
-                rollbacks=int(meta.get("rollbacks", 0)))
-
-
-def _restart_fresh(task, tx, state):
-    """`optim.restart_fresh`: the warm restart's cycle starts as a fine-tune of the first
-    cycle's result would, from the EMA parameters with new optimizer moments; a task with
-    `restart_params(ema_params, rng)` chooses them itself (the GAN draws a new
-    discriminator). The schedule goes on where it is."""
-    params = state.ema_params
-    if hasattr(task, "restart_params"):
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1 << 30)
-        params = task.restart_params(params, rng)
-    return state_lib.restart_fresh(state, params, tx)
+                lr_scale=float(meta.get("lr_scale", 1.0)), rollbacks=int(meta.get("rollbacks", 0)))
 
 
 def setup(config, workdir: str, task=None):
@@ -302,10 +282,6 @@ def _train(config, workdir: str, run: _Run, guard: dict, stop_at_step: int | Non
 
     try:
         while step < end:
-            if step == run.restart_at:  # (a checkpoint of this step holds the state before)
-                state = run.restart(state)
-                tqdm.write(f"step {step}: warm restart from the EMA parameters with new "
-                           "optimizer moments", file=sys.stderr)
             local = next(run.iterator)
             rows = len(next(iter(local.values())))
             local = {**local, "stop": np.full((rows,), stop_signals.received is not None,

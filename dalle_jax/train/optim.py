@@ -21,8 +21,6 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     R are a second one, warmed up again to `restart_lr` and decayed to `restart_lr *
     final_lr_fraction`: a warm restart (SGDR, Loshchilov and Hutter 2017). The first cycle is
     the schedule of a run of total_steps - R steps, so such a run's checkpoints resume into it.
-    With `restart_fresh` the loop also starts the second cycle from the EMA parameters with new
-    optimizer moments, as a fine-tune of the first cycle's result would (`loop._restart_fresh`).
     """
     restart = int(config.get("restart_steps", 0) or 0)
     if restart <= 0:

@@ -39,21 +39,6 @@ def create(params, tx: optax.GradientTransformation, rng) -> TrainState:
                       ema_params=jax.tree.map(jnp.copy, params), rng=rng)
 
 
-def restart_fresh(state: TrainState, params, tx: optax.GradientTransformation) -> TrainState:
-    """`state` with `params` (the EMA's, say) as a run starting from them would hold them: the
-    EMA a copy of them and the optimizer state new (Adam's moments zero, its bias correction
-    counting from 0), except the learning-rate schedule's count, which goes on from
-    `state.step`, so that the schedule stays where the run is (`optim.restart_fresh`)."""
-    def keep_schedule_count(s):
-        if isinstance(s, optax.ScaleByScheduleState):
-            return s._replace(count=jnp.asarray(state.step, s.count.dtype))
-        return s
-    opt_state = jax.tree.map(keep_schedule_count, tx.init(params),
-                             is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
-    return state.replace(params=params, opt_state=opt_state,
-                         ema_params=jax.tree.map(jnp.copy, params))
-
-
 def _split_microbatches(batch, k: int):
     # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps a slice of every microbatch,
     # so splitting moves no data between devices.
