@@ -4,7 +4,7 @@
     python train.py --config configs/emoji_gan.py --workdir runs/emoji [key=value ...]
 
 Stages as configs/shapes_gan.py: `clip` (exactly configs/emoji_clip.py), the flow-matching
-`prior` and the GAN `decoder` on the frozen CLIP, then workdir/model.npz. The eval pictures are
+`prior` and the GAN `decoder` on the frozen CLIP (no refine stage), then workdir/model.npz. The eval pictures are
 the held-out emoji, whose names training never saw. A small budget (~3,400 pictures, a few
 epochs of the decoder): the figures in benchmarks/RESULTS.md say what it reaches.
 """
@@ -29,7 +29,6 @@ def get_config():
 
     c.decoder.data = dict(data, global_batch=32)
     c.decoder.total_steps = 500
-    c.decoder.optim.restart_steps = 0  # no final phase: the shapes one dwells on shapes' kinds
     c.decoder.optim.lr = 5e-3  # the rate its figures in benchmarks/RESULTS.md were measured at
     c.decoder.model.channels = (64, 64, 32, 16, 16)   # 4, 8, 16, 32, 64 px
     c.decoder.model.d_channels = (16, 16, 32, 64, 128)
@@ -39,4 +38,5 @@ def get_config():
     # Its figures predate the shapes decoder's best-of-8 search (session 25), untried here.
     c.decoder.loss.reconstruction_samples = 1
     c.decoder.loss.reconstruction_search = False
+    del c.refine  # the shapes refine stage dwells on shapes' kinds
     return ml_collections.ConfigDict(c)

@@ -4,7 +4,7 @@
 
 Stages (each resumable, in workdir/<stage>): `clip` (exactly configs/shapes_clip.py), then the
 diffusion `prior` (unCLIP's, as configs/shapes_unclip.py trains it) and the GAN `decoder` on the
-frozen CLIP; then workdir/model.npz.
+frozen CLIP, then `refine`, a short fine-tune of the decoder's generator; then workdir/model.npz.
 Override a stage's field by its path, e.g. decoder.total_steps=500 or clip.optim.lr=2e-3.
 """
 
@@ -67,33 +67,19 @@ def get_config():
     # `c.prior = flow_prior()` gives the flow prior back (options: truncation, prior_temperature).
     c.prior = diffusion_prior()
 
-    # 7,000 steps of 64 (the first cycle), then a final phase of 600 (below): 67 + 5 minutes
-    # at the 113-118 images/s of an idle 2-core Xeon with the best-of-8 search (the first 7,000
-    # took 95 minutes at 83 images/s on a busier day). 4,500 steps stopped while adherence
-    # still climbed: decoder-alone 66 / 58% against 70 / 69% (benchmarks/RESULTS.md, sessions
-    # 7, 12 and 13).
+    # 7,000 steps of 64, then the refine stage's 600 (below): 67 + 6 minutes at the 104-118
+    # images/s of an idle 2-core Xeon with AVX-512 and the best-of-8 search (the 7,000 took 95
+    # minutes at 83 images/s on a busier day; on a 2-core AMD EPYC with AVX2 only, 55 images/s).
+    # 4,500 steps stopped while adherence still climbed: decoder-alone 66 / 58% against 70 /
+    # 69% (benchmarks/RESULTS.md, sessions 7, 12 and 13).
     # lr 1e-2, not 5e-3: the decoder learned the condition much sooner (decoder-alone
     # adherence 43 / 41% against 26 / 26% at step 3,000; benchmarks/RESULTS.md, session 7).
-    c.decoder = _common("gan", total_steps=7600, global_batch=64, lr=1e-2, ema_decay=0.995)
+    c.decoder = _common("gan", total_steps=7000, global_batch=64, lr=1e-2, ema_decay=0.995)
     c.decoder.optim.b1 = 0.0  # StyleGAN2's Adam betas (0, 0.99)
-    # The final phase: the last 600 steps are a warm restart (to 3e-3, warmed up and decayed
-    # again; SGDR) on batches where one-object small stars and small diamonds, the kinds the
-    # decoder drew as blobs, come 10 times as often (15 -> ~55% of pictures). The first 7,000
-    # steps are the plain run, so a checkpoint of it resumes into this. Whole pipeline against
-    # the first 7,000 steps alone (1,000 eval captions): one object seen / held-out 80.5 / 79.7%
-    # against 76.9 / 79.4%, small diamonds drawn right 48% against 19 (small stars 2%: still
-    # blobs), variations 82.8% against 80.1 (400 x 4), colour edits at 0.4 69.3% against 68.3
-    # (400 sources), FID 58.5 against 57.0; 5 minutes more. The same 600 steps as a fine-tune
-    # of the finished decoder (fresh Adam moments, another data seed) reached 84.0 / 81.5%,
-    # small diamonds 81%, FID 61.3 (benchmarks/RESULTS.md, session 27).
-    # Earlier: the same restart without oversampling, 74.9 / 71.7% against 72.6 / 71.5% with the
-    # flow prior (session 26); "small star:20" alone in the final phase, 75.9 / 74.3% (stars
-    # do not learn from exposure here, diamonds do; sessions 23 and 26); oversampling "small
-    # star:3,small diamond:3" over the whole run, 69.7 / 72.2% against 70.0 / 72.8% (session 23).
-    c.decoder.optim.restart_steps = 600
-    c.decoder.optim.restart_lr = 3e-3
-    c.decoder.data.oversample = "small star:10,small diamond:10"
-    c.decoder.data.oversample_from = 7000
+    # optim.restart_steps = R (with restart_lr) makes the last R steps a warm restart; with
+    # data.oversample and oversample_from = total_steps - R a final phase inside this run
+    # (session 27: 600 steps from 7,000, seen / held-out 80.5 / 79.7%, against 84.0 / 81.5%
+    # for the same 600 steps as a fresh fine-tune, the refine stage's way).
     # 32 px, not 64: decoder.data.image_size=64 with channels (64, 64, 32, 16, 8) and
     # d_resolution=32 (the CLIP reads the pictures box-downsampled) took the decoder stage 101
     # minutes instead of 62 and the whole pipeline to the two-hour line, for one-object
@@ -150,4 +136,26 @@ def get_config():
                           perceptual_weight=0.0)
     c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=300, use_ema=True)
+
+    # The refine stage: 600 steps that fine-tune the decoder's generator (its EMA, with a new
+    # discriminator and new Adam moments: `dalle_jax/train/stages.py`) at lr 3e-3 on batches
+    # where one-object small stars and small diamonds, the kinds the decoder draws as blobs,
+    # come 10 times as often (15 -> ~55% of pictures), from another data seed, with the squared
+    # error taken at the best whole-pixel shift of the real picture (reconstruction_shift=1:
+    # under the data's jitter the plain error's optimum blurs small stars; session 27). The
+    # pipeline against the 7,000 steps alone (1,000 eval captions): one object seen / held-out
+    # 86.0 / 82.3% against 76.9 / 79.4%, small diamonds 85% against 19, small stars 13%
+    # against 3, variations 89.0% against 83.3 (100 x 4), FID 60.9 against 57.0; the same
+    # without the shift 84.0 / 81.5%; the same 600 steps as a final phase of the decoder's run
+    # instead (its Adam moments and discriminator kept) 80.5 / 79.7% (benchmarks/RESULTS.md,
+    # sessions 27 and 28). Earlier, as that final phase: without oversampling 74.9 / 71.7%
+    # against 72.6 / 71.5% with the flow prior (session 26); "small star:20" alone 75.9 /
+    # 74.3% (stars do not learn from exposure here, diamonds do; sessions 23 and 26);
+    # oversampling "small star:3,small diamond:3" over the whole run, 69.7 / 72.2% against
+    # 70.0 / 72.8% (session 23).
+    # Its block holds what differs from the decoder's; every other field is the decoder's
+    # (overrides of decoder.* reach it too), but where the parameters come from.
+    c.refine = dict(total_steps=600, optim=dict(lr=3e-3),
+                    data=dict(seed=1, oversample="small star:10,small diamond:10"),
+                    loss=dict(reconstruction_shift=1))
     return c

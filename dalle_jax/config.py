@@ -19,6 +19,7 @@ family, a pipeline where one model was expected (or the reverse), or a model of 
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -53,8 +54,15 @@ class Block(NamedTuple):
 
 
 class Stage(NamedTuple):
-    """A sub-config trained as its own run, checked by the schema of its `family`."""
+    """A sub-config trained as its own run, checked by the schema of its `family`. A stage
+    `based_on` another holds only the fields that differ from that one's (`stage_config`)."""
     families: tuple[str, ...]
+    required: bool = True
+    based_on: str | None = None
+
+
+# What a stage based on another never takes from it: where that one's parameters come from.
+NOT_INHERITED = ("init_from", "import_from")
 
 
 _OPTIM = {"lr": Field(float, minimum=0), "warmup_steps": Field(int, minimum=0),
@@ -116,7 +124,8 @@ SCHEMAS: dict[str, dict] = {
                         "sample_steps": Field(int, minimum=1)}},
     # dalle_jax/train/gan.py
     # (init_from: a pipeline model file, or shipped:gan, whose generator starts the run)
-    "gan": {**_TRAINING, "init_from": _opt(str),
+    # (import_from: a pipeline model file whose generator is the decoder stage's result)
+    "gan": {**_TRAINING, "init_from": _opt(str), "import_from": _opt(str),
             "model": {"z_dim": Field(int, minimum=1), "w_dim": Field(int, minimum=1),
                       "mapping_layers": Field(int, minimum=1),
                       "mapping_lr_mul": _opt(float, minimum=0), "input_from_w": _opt(bool),
@@ -158,7 +167,8 @@ SCHEMAS: dict[str, dict] = {
     # dalle_jax/train/stages.py: CLIP, then the prior and the decoder on the frozen CLIP.
     "pipeline": {"family": Field(str), "export_dtype": _opt(str, choices=("float32", "bfloat16")),
                  "clip": Stage(("clip",)), "prior": Stage(("prior", "diffusion_prior")),
-                 "decoder": Stage(("gan", "diffusion_decoder"))},
+                 "decoder": Stage(("gan", "diffusion_decoder")),
+                 "refine": Stage(("gan",), required=False, based_on="decoder")},
 }
 
 # The fields that fix a model's parameter shapes: a checkpoint resumes only under equal ones.
@@ -279,7 +289,8 @@ def _check_block(config, schema: dict, prefix: str, where: str):
     for key, spec in schema.items():
         name = f"{prefix}{key}"
         if key not in config:
-            if isinstance(spec, Block) or (isinstance(spec, Field) and not spec.required):
+            if isinstance(spec, Block) or (isinstance(spec, (Field, Stage))
+                                           and not spec.required):
                 continue
             kind = _kind_name(spec.kind) if isinstance(spec, Field) else "a block of fields"
             raise ConfigError(f"{where}missing config field {name} ({kind})")
@@ -288,6 +299,8 @@ def _check_block(config, schema: dict, prefix: str, where: str):
             _check_block(value, spec.fields if isinstance(spec, Block) else spec, f"{name}.",
                          where)
         elif isinstance(spec, Stage):
+            if spec.based_on and isinstance(value, ml_collections.ConfigDict):
+                value = _merged(config, key, spec)
             family = value.get("family") if isinstance(value, ml_collections.ConfigDict) else None
             if family not in spec.families:
                 raise ConfigError(f"{where}{name}.family must be one of "
@@ -324,7 +337,53 @@ def validate(config: ml_collections.ConfigDict, where: str = "") -> ml_collectio
         got = "no family field" if family is None else f"family {_short(family)}"
         raise ConfigError(f"{where}config has {got}; valid families: {', '.join(SCHEMAS)}")
     _check_block(config, SCHEMAS[family], "", where)
+    if family == "pipeline" and "refine" in config:
+        _check_refine(config, where)
     return config
+
+
+def _merged(config, name: str, spec: Stage) -> ml_collections.ConfigDict:
+    """Stage `name`'s fields over those of the stage it is based on (a copy)."""
+    base = config[spec.based_on].to_dict()
+    for key in NOT_INHERITED:
+        base.pop(key, None)
+
+    def merge(into, over):
+        for k, v in over.items():
+            into[k] = merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(
+                into.get(k), dict) else v
+        return into
+    return ml_collections.ConfigDict(merge(base, config[name].to_dict()))
+
+
+def stage_config(config, name: str) -> ml_collections.ConfigDict:
+    """A pipeline stage's whole config: for a stage based on another (`refine` on `decoder`),
+    its fields over that one's, checked by its family's schema."""
+    spec = SCHEMAS[config.family][name]
+    if not spec.based_on:
+        return config[name]
+    merged = _merged(config, name, spec)
+    _check_block(merged, SCHEMAS[merged.family], f"{name}.", "")
+    return merged
+
+
+def _check_refine(config, where: str):
+    """The `refine` stage fine-tunes the decoder stage's generator: a GAN decoder of the same
+    shape, started from nothing else."""
+    if config.decoder.family != "gan":
+        raise ConfigError(f"{where}refine fine-tunes a GAN decoder; decoder.family is "
+                          f"{config.decoder.family}: drop the refine block")
+    for key in NOT_INHERITED:
+        if config.refine.get(key):
+            raise ConfigError(f"{where}refine.{key} cannot be set: the refine stage starts from "
+                              "the decoder stage's generator")
+    decoder, refine = (_shape_of(json.loads(c.to_json_best_effort()))
+                       for c in (config.decoder, stage_config(config, "refine")))
+    for key in sorted(set(decoder) | set(refine)):
+        if decoder.get(key) != refine.get(key):
+            raise ConfigError(f"{where}refine.{key}={_short(refine.get(key))} differs from "
+                              f"decoder.{key}={_short(decoder.get(key))}: the refine stage "
+                              "fine-tunes the decoder's generator")
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -370,7 +429,8 @@ def _optional_field(config, key: str) -> bool:
     *parents, leaf = key.split(".")
     for p in parents:
         spec = schema.get(p) if isinstance(schema, dict) else None
-        node = node.get(p) if is_block(node) else None
+        node = (_merged(node, p, spec) if isinstance(spec, Stage) and spec.based_on and is_block(node)
+                and is_block(node.get(p)) else node.get(p) if is_block(node) else None)
         if isinstance(spec, Stage):
             schema = SCHEMAS.get(node.get("family")) if is_block(node) else None
         else:
@@ -380,8 +440,12 @@ def _optional_field(config, key: str) -> bool:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]):
-    config = ml_collections.ConfigDict(config)  # a copy; the caller's stays as it was
+    config = copy.deepcopy(config)  # the caller's stays as it was, nested blocks too
     valid = flat_keys(config)
+    for name, spec in SCHEMAS.get(config.get("family"), {}).items():
+        if isinstance(spec, Stage) and spec.based_on and name in config:  # the inherited too
+            valid += [f"{name}.{k}" for k in flat_keys(_merged(config, name, spec))
+                      if f"{name}.{k}" not in valid]
     for item in overrides:
         item = item[len("--config."):] if item.startswith("--config.") else item.lstrip("-")
         if "=" not in item:
@@ -472,7 +536,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str):
             raise ConfigError(f"{workdir} holds a {meta.get('family')} run, not a "
                               f"{config.family}'s: give the {config.family} its own --workdir")
         for stage in stages:
-            _check_run(config[stage], os.path.join(workdir, stage), f"the {stage} stage")
+            if stage in config:
+                _check_run(stage_config(config, stage), os.path.join(workdir, stage),
+                           f"the {stage} stage")
         return
     pipeline_stages = {k for s in SCHEMAS.values() for k, v in s.items() if isinstance(v, Stage)}
     if os.path.isfile(os.path.join(workdir, "model.npz")) or any(

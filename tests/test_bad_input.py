@@ -31,8 +31,7 @@ GAN_CONFIG = os.path.join(ROOT, "configs", "shapes_gan.py")
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "prior.model.num_heads=2", "decoder.model.w_dim=16", "decoder.model.z_dim=8",
-         "decoder.optim.restart_steps=0"]
+         "prior.model.num_heads=2", "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
 ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
@@ -149,12 +148,26 @@ def test_config_schema_accepts_the_shipped_configs_and_ints_for_floats(tmp_path)
     # Overrides are checked against the schema too, not only against the old value's type.
     with pytest.raises(config_lib.ConfigError, match="sharding.params must be one of"):
         config_lib.load(CLIP_CONFIG, ["sharding.params=zero3"])
-    # A run shortened below its final phase's warm restart is told so before anything trains.
+    # A run shortened below its warm restart is told so before anything trains.
     with pytest.raises(config_lib.ConfigError, match=r"decoder.optim.restart_steps=600 must be "
                        r"less than decoder.total_steps=500; decoder.optim.restart_steps=0 "):
-        config_lib.load(GAN_CONFIG, ["decoder.total_steps=500"])
-    assert config_lib.load(GAN_CONFIG, ["decoder.total_steps=500",
-                                        "decoder.optim.restart_steps=0"]).decoder.total_steps == 500
+        config_lib.load(GAN_CONFIG, ["decoder.total_steps=500", "decoder.optim.restart_steps=600"])
+    # The refine stage holds what differs from the decoder; the rest, overrides included,
+    # is the decoder's, but for its shape, which only the decoder's fields set.
+    config = config_lib.load(GAN_CONFIG, ["decoder.model.w_dim=64", "decoder.loss.clip_weight=2",
+                                          "refine.data.global_batch=32"])
+    refine = config_lib.stage_config(config, "refine")
+    assert (refine.model.w_dim, refine.loss.clip_weight, refine.data.global_batch,
+            refine.total_steps, config.decoder.data.global_batch) == (64, 2.0, 32, 600, 64)
+    with pytest.raises(config_lib.ConfigError, match=r"refine.model.w_dim=32 differs from "
+                       r"decoder.model.w_dim=128: the refine stage fine-tunes the decoder's"):
+        config_lib.load(GAN_CONFIG, ["refine.model.w_dim=32"])
+    with pytest.raises(config_lib.ConfigError, match="refine.init_from cannot be set"):
+        config_lib.load(GAN_CONFIG, ["refine.init_from=shipped:gan"])
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'refine.optim.lrr'"):
+        config_lib.load(GAN_CONFIG, ["refine.optim.lrr=1e-3"])
+    with pytest.raises(config_lib.ConfigError, match="refine.optim.lr must be float"):
+        config_lib.load(GAN_CONFIG, ["refine.optim.lr=fast"])
     with pytest.raises(config_lib.ConfigError, match="could not load config .*ZeroDivisionError"):
         config_lib.load(write_config(tmp_path, CLIP_CONFIG, "1 / 0"))
 

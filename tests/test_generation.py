@@ -28,15 +28,17 @@ GAN_CONFIG = os.path.join(ROOT, "configs/shapes_gan.py")
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
-         "decoder.model.w_dim=16", "decoder.model.z_dim=8", "decoder.optim.restart_steps=0"]
+         "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
 FLOW_PRIOR = ["prior.model.sample_steps=4"]
 DIFFUSION_PRIOR = ["prior.model.num_heads=2", "prior.eval.sample_steps=2"]
 
 
-def small_config(*overrides, prior: str = "flow"):
+def small_config(*overrides, prior: str = "flow", refine: bool = False):
     """The GAN pipeline config, small, with the flow prior or (prior="diffusion") the
-    config's own diffusion prior."""
+    config's own diffusion prior; without its refine stage unless asked for."""
     config = config_lib.load(GAN_CONFIG)
+    if not refine:
+        del config.refine
     if prior == "flow":
         config.prior = config_lib.sibling_module(GAN_CONFIG, "shapes_gan.py").flow_prior()
     return config_lib.validate(config_lib.apply_overrides(
@@ -458,18 +460,18 @@ def test_images_load_any_mode(tmp_path):
 
 
 def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
-    """train.py on the pipeline config: three stages, each resumable, then a loadable model;
-    the decoder's last step is the config's final phase (warm restart, oversampled kinds)."""
+    """train.py on the pipeline config: four stages, each resumable, then a loadable model
+    holding the refine stage's generator."""
     overrides = SMALL + DIFFUSION_PRIOR + [f"{s}.{k}" for s in ("clip", "prior", "decoder")
                          for k in ("total_steps=2", "eval_every=0", "progress_bar=False",
                                    "checkpoint_every=1", "data.global_batch=8")] + [
-        "decoder.optim.restart_steps=1", "decoder.data.oversample_from=1"]
+        "refine.total_steps=2"]  # the rest of refine's fields follow the decoder's
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
            os.path.join(ROOT, "configs/shapes_gan.py"), "--workdir", str(tmp_path), *overrides]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    for stage in ("clip", "prior", "decoder"):
+    for stage in ("clip", "prior", "decoder", "refine"):
         assert os.path.isdir(tmp_path / stage / "checkpoints" / "2"), stage
     model = tmp_path / "model.npz"
     first = model.stat().st_mtime_ns
@@ -482,6 +484,10 @@ def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
     meta, params = bundle.load(str(model))
     np.testing.assert_array_equal(params["generator"]["synthesis"]["const"],
                                   pipe.params["generator"]["synthesis"]["const"])
+    refine = meta["configs"]["refine"]  # its whole config: its own fields over the decoder's
+    assert (refine["total_steps"], refine["data"]["global_batch"], refine["optim"]["lr"],
+            refine["loss"]["reconstruction_shift"]) == (2, 8, 3e-3, 1)
+    assert refine["model"] == meta["configs"]["decoder"]["model"]
 
 
 def test_a_new_decoder_on_a_model_files_clip_and_prior(tmp_path, model_file):
@@ -511,3 +517,35 @@ def test_a_new_decoder_on_a_model_files_clip_and_prior(tmp_path, model_file):
                                                  "prior.model.width=48"])
     with pytest.raises(bundle.BundleError, match=r"holds a prior with prior\.model="):
         stages.prior_from_model(config)
+
+
+def test_refine_fine_tunes_an_imported_decoders_generator(tmp_path, model_file):
+    """decoder.import_from takes a model file's generator as the decoder stage's result; the
+    refine stage starts from it (here at learning rate 0, so it must come out unchanged) and
+    the new model file holds the refine stage's generator and whole config."""
+    imports = [f"{part}.import_from={model_file}" for part in ("clip", "prior", "decoder")]
+    config = small_config(*imports, "refine.total_steps=1", "refine.optim.lr=0.0",
+                          "refine.eval_every=0", "refine.progress_bar=False",
+                          "refine.data.global_batch=8", refine=True)
+    path = stages.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["model.npz", "refine"]  # nothing else trained
+    _, old = bundle.load(model_file)
+    meta, new = bundle.load(path)
+    for a, b in zip(jax.tree.leaves(old["generator"]), jax.tree.leaves(new["generator"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert meta["configs"]["refine"]["total_steps"] == 1
+    assert "import_from" not in meta["configs"]["refine"]  # the decoder's, not inherited
+    # At the config's own learning rate the refine stage moves the generator.
+    config = config_lib.apply_overrides(config, ["refine.optim.lr=3e-3"])
+    path = stages.run(config, str(tmp_path / "moved"))
+    _, moved = bundle.load(path)
+    a, b = old["generator"]["synthesis"]["const"], moved["generator"]["synthesis"]["const"]
+    assert 0 < np.abs(a - b).max() < 0.1
+
+    # A decoder belongs to the CLIP it was trained on, and to its own config.
+    with pytest.raises(bundle.BundleError, match="needs clip.import_from="):
+        stages.decoder_from_model(config_lib.apply_overrides(
+            config, ["clip.import_from=shipped:gan"]))
+    with pytest.raises(bundle.BundleError, match=r"trained under another config \(decoder\."
+                       r"total_steps=7000 there, 500 here\)"):
+        stages.decoder_from_model(config_lib.apply_overrides(config, ["decoder.total_steps=500"]))

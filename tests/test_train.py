@@ -119,6 +119,10 @@ def test_overrides_are_typed_and_unknown_keys_named():
         tiny_config("total_steps=many")
     with pytest.raises(config_lib.ConfigError, match="not key=value"):
         tiny_config("optim.lr")
+    # The caller's config stays as it was, nested blocks included.
+    changed = config_lib.apply_overrides(config, ["optim.lr=1e-3", "model.variant=micro"])
+    assert (changed.optim.lr, changed.model.variant) == (1e-3, "micro")
+    assert (config.optim.lr, config.model.variant) == (3e-4, "tiny")
 
 
 def test_train_command_reports_bad_key_in_one_line(tmp_path):

@@ -186,7 +186,9 @@ def generator_from_model(source: str, expected) -> dict:
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
-    def __init__(self, config, clip_params, clip_config):
+    def __init__(self, config, clip_params, clip_config, initial_generator=None):
+        """`initial_generator` (parameters) starts the generator, as `config.init_from` does
+        from a file (the refine stage's start: `stages.run`)."""
         self.config = config
         self.clip_model = clip_family.build_model(clip_config)
         self.frozen = {"clip": clip_params}
@@ -206,7 +208,7 @@ class GANTask:
         if self.counterfactual_negatives and not config.data.get("minimal_pairs"):
             raise ValueError("loss.matching_negatives=counterfactual needs data.minimal_pairs="
                              "True (the batch must hold each scene's counterfactual)")
-        self.initial_generator = None
+        self.initial_generator = initial_generator
         if config.get("init_from"):
             self.initial_generator = generator_from_model(
                 config.init_from, jax.eval_shape(self._init_generator, jax.random.PRNGKey(0)))

@@ -1,9 +1,14 @@
-"""One command trains a whole pipeline: CLIP, then the prior and the decoder on the frozen CLIP.
+"""One command trains a whole pipeline: CLIP, then the prior and the decoder on the frozen CLIP,
+then, where the config has a `refine` block, a fine-tune of the GAN decoder's generator.
 
 Each stage is an ordinary training run in `workdir/<stage>` (checkpoints, metrics.jsonl,
 periodic evaluation), so rerunning the command resumes the unfinished stage and skips the
 finished ones. When the last stage is done, the pipeline is written as one model file,
 `workdir/model.npz` (see `dalle_jax.bundle`), which `Pipeline.load` reads.
+
+The refine stage starts as a fine-tune does (`decoder.init_from`): the decoder stage's EMA
+generator, a new discriminator, new optimizer moments, its own schedule, data and loss. Its
+generator is the one the model file holds.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax
 import numpy as np
 
 from dalle_jax import bundle
+from dalle_jax import config as config_lib
 from dalle_jax.data import shapes
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import loop
@@ -79,6 +85,44 @@ def prior_from_model(config) -> tuple[dict, dict]:
     return _section_of_model(source, "prior", config.prior, ("family", "model"), with_config=True)
 
 
+# The decoder config's fields that decide what its training makes: an imported decoder must
+# have been trained under the same ones (unset, empty and zero count as one).
+DECODER_TRAINING_FIELDS = ("family", "seed", "total_steps", "model", "loss", "optim", "data.name",
+                           "data.split", "data.seed", "data.image_size", "data.context_length",
+                           "data.global_batch", "data.hard_negatives", "data.oversample",
+                           "data.oversample_from", "data.minimal_pairs")
+
+
+def decoder_from_model(config) -> dict:
+    """The generator of the model file `decoder.import_from`, used as the decoder stage's result
+    (not trained), so that a refine stage can go on from a finished decoder. A decoder is tied
+    to the CLIP it was trained on, so `clip.import_from` must name the same file, and the file's
+    decoder must have been trained under this config (DECODER_TRAINING_FIELDS)."""
+    from dalle_jax.pipeline import model_file
+    source = config.decoder.import_from
+    if model_file(config.clip.get("import_from") or "") != model_file(source):
+        raise bundle.BundleError(f"decoder.import_from={source} needs clip.import_from={source}: "
+                                 "a decoder only fits the CLIP it was trained on")
+    path = model_file(source)
+    meta, params = bundle.load(path)
+    if meta["configs"].get("generator") != "gan" or "generator" not in params:
+        raise bundle.BundleError(f"decoder.import_from={source}: {path} holds no GAN generator")
+    unset = lambda v: None if v in (None, "", 0, False, [], {}) else v
+    pick = lambda c: {k: unset(v) for k, v in config_lib._flat(c).items()
+                      if any(k == f or k.startswith(f + ".") for f in DECODER_TRAINING_FIELDS)}
+    stored = pick(meta["configs"].get("decoder", {}))
+    wanted = pick(json.loads(config.decoder.to_json_best_effort()))
+    wanted.pop("import_from", None)
+    changed = [f"{k}={stored.get(k)!r} there, {wanted.get(k)!r} here"
+               for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    if changed:
+        raise bundle.BundleError(f"decoder.import_from={source} holds a decoder trained under "
+                                 f"another config (decoder.{changed[0]}"
+                                 f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''})"
+                                 ": make the config's match")
+    return params["generator"]
+
+
 def _section_of_model(source: str, section: str, stage_config, keys, with_config=False):
     from dalle_jax.pipeline import model_file
     path = model_file(source)
@@ -107,15 +151,24 @@ def run(config, workdir: str) -> str:
         prior_task = build_task(config.prior, clip_params, config.clip)
         prior_params = _params(loop.train_and_evaluate(
             config.prior, os.path.join(workdir, "prior"), task=prior_task), config.prior)
-    decoder_task = build_task(config.decoder, clip_params, config.clip)
-    decoder_state = loop.train_and_evaluate(config.decoder, os.path.join(workdir, "decoder"),
-                                            task=decoder_task)
+    if config.decoder.get("import_from"):
+        decoder = decoder_from_model(config)
+    else:
+        decoder_task = build_task(config.decoder, clip_params, config.clip)
+        decoder = loop.train_and_evaluate(config.decoder, os.path.join(workdir, "decoder"),
+                                          task=decoder_task).ema_params
+        if config.decoder.family == "gan":
+            decoder = decoder["generator"]
+    if config.get("refine"):
+        from dalle_jax.train.gan import GANTask
+        refine = config_lib.stage_config(config, "refine")
+        refine_task = GANTask(refine, clip_params, config.clip,
+                              initial_generator=jax.device_get(decoder))
+        decoder = loop.train_and_evaluate(refine, os.path.join(workdir, "refine"),
+                                          task=refine_task).ema_params["generator"]
     path = os.path.join(workdir, "model.npz")
     if jax.process_index() == 0:
-        decoder = decoder_state.ema_params
-        export(path, config, clip_params, prior_params,
-               decoder["generator"] if config.decoder.family == "gan" else decoder,
-               prior_config=prior_config)
+        export(path, config, clip_params, prior_params, decoder, prior_config=prior_config)
         print(f"model written to {path}", file=sys.stderr)
     return path
 
@@ -130,8 +183,9 @@ def shapes_vocabulary(context_length: int, count: int = 20000) -> np.ndarray:
 def export(path: str, config, clip_params, prior_params, generator_params,
            dtype: str | None = None, prior_config: dict | None = None):
     """The pipeline's model file: the frozen CLIP, the prior and the decoder's EMA weights (the
-    GAN's generator under "generator", a diffusion decoder under "decoder"), with their configs
-    (the prior's `prior_config` when given: an imported prior's own)."""
+    GAN's generator under "generator", the refine stage's where there is one; a diffusion
+    decoder under "decoder"), with their configs (the prior's `prior_config` when given: an
+    imported prior's own)."""
     generator = GENERATOR_OF.get(config.decoder.family)
     if generator is None:
         raise ValueError(f"no generator for decoder family {config.decoder.family!r}; valid: "
@@ -139,6 +193,9 @@ def export(path: str, config, clip_params, prior_params, generator_params,
     configs = {"generator": generator, "clip": json.loads(config.clip.to_json_best_effort()),
                "prior": prior_config or json.loads(config.prior.to_json_best_effort()),
                "decoder": json.loads(config.decoder.to_json_best_effort())}
+    if config.get("refine"):  # the refine stage's whole config
+        configs["refine"] = json.loads(
+            config_lib.stage_config(config, "refine").to_json_best_effort())
     params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
               "generator" if generator == "gan" else "decoder": jax.device_get(generator_params)}
     keep = None
