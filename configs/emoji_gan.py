@@ -4,9 +4,10 @@
     python train.py --config configs/emoji_gan.py --workdir runs/emoji [key=value ...]
 
 Stages as configs/shapes_gan.py: `clip` (exactly configs/emoji_clip.py), the flow-matching
-`prior` and the GAN `decoder` on the frozen CLIP (no refine stage), then workdir/model.npz. The eval pictures are
-the held-out emoji, whose names training never saw. A small budget (~3,400 pictures, a few
-epochs of the decoder): the figures in benchmarks/RESULTS.md say what it reaches.
+`prior` and the GAN `decoder` on the frozen CLIP (no refine stage), then workdir/model.npz.
+The eval pictures are the held-out emoji, whose names training never saw. A small budget
+(~3,400 pictures, a few epochs of the decoder): the figures in benchmarks/RESULTS.md say what
+it reaches.
 """
 
 import ml_collections

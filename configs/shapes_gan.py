@@ -143,16 +143,17 @@ def get_config():
     # come 10 times as often (15 -> ~55% of pictures), from another data seed, with the squared
     # error taken at the best whole-pixel shift of the real picture (reconstruction_shift=1:
     # under the data's jitter the plain error's optimum blurs small stars; session 27). The
-    # pipeline against the 7,000 steps alone (1,000 eval captions): one object seen / held-out
-    # 86.0 / 82.3% against 76.9 / 79.4%, small diamonds 85% against 19, small stars 13%
-    # against 3, variations 89.0% against 83.3 (100 x 4), FID 60.9 against 57.0; the same
-    # without the shift 84.0 / 81.5%; the same 600 steps as a final phase of the decoder's run
-    # instead (its Adam moments and discriminator kept) 80.5 / 79.7% (benchmarks/RESULTS.md,
-    # sessions 27 and 28). Earlier, as that final phase: without oversampling 74.9 / 71.7%
-    # against 72.6 / 71.5% with the flow prior (session 26); "small star:20" alone 75.9 /
-    # 74.3% (stars do not learn from exposure here, diamonds do; sessions 23 and 26);
-    # oversampling "small star:3,small diamond:3" over the whole run, 69.7 / 72.2% against
-    # 70.0 / 72.8% (session 23).
+    # shipped pipeline against the 7,000 steps alone (1,000 eval captions): one object seen /
+    # held-out 84.7 / 81.7% against 76.9 / 79.4%, small diamonds 74% against 19, small stars
+    # 16% against 3, variations 84.2% against 80.1 (400 x 4), colour edits at 0.5 72.3%
+    # against 67.5 (400 sources), FID 61.2 against 57.0 (session 28; session 27's probe of it
+    # on another CPU, 86.0 / 82.3%). Without the shift 84.0 / 81.5%; the same 600 steps as a
+    # final phase of the decoder's run instead (its Adam moments and discriminator kept) 80.5 /
+    # 79.7% (benchmarks/RESULTS.md, session 27). Earlier, as that final phase: without
+    # oversampling 74.9 / 71.7% against 72.6 / 71.5% with the flow prior (session 26); "small
+    # star:20" alone 75.9 / 74.3% (stars do not learn from exposure here, diamonds do; sessions
+    # 23 and 26); oversampling "small star:3,small diamond:3" over the whole run, 69.7 / 72.2%
+    # against 70.0 / 72.8% (session 23).
     # Its block holds what differs from the decoder's; every other field is the decoder's
     # (overrides of decoder.* reach it too), but where the parameters come from.
     c.refine = dict(total_steps=600, optim=dict(lr=3e-3),

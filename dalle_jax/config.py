@@ -429,8 +429,11 @@ def _optional_field(config, key: str) -> bool:
     *parents, leaf = key.split(".")
     for p in parents:
         spec = schema.get(p) if isinstance(schema, dict) else None
-        node = (_merged(node, p, spec) if isinstance(spec, Stage) and spec.based_on and is_block(node)
-                and is_block(node.get(p)) else node.get(p) if is_block(node) else None)
+        based = isinstance(spec, Stage) and spec.based_on
+        if based and is_block(node) and is_block(node.get(p)):
+            node = _merged(node, p, spec)  # a field it inherits is one of its own
+        else:
+            node = node.get(p) if is_block(node) else None
         if isinstance(spec, Stage):
             schema = SCHEMAS.get(node.get("family")) if is_block(node) else None
         else:
