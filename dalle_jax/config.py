@@ -317,8 +317,8 @@ def _check_block(config, schema: dict, prefix: str, where: str):
 
 def _check_restart(config, prefix: str, where: str):
     """A warm restart (`optim.restart_steps`) must leave the run a first cycle: a shortened run
-    (`decoder.total_steps=500` on a config with a 600-step final phase) says so before any
-    stage trains, not when its schedule is built."""
+    (`decoder.total_steps=500` where `decoder.optim.restart_steps=600`) says so before any stage
+    trains, not when its schedule is built."""
     optim = config.get("optim")
     if "total_steps" not in config or not isinstance(optim, ml_collections.ConfigDict):
         return
