@@ -501,10 +501,14 @@ def _flat(tree, prefix: str = "") -> dict:
     return out
 
 
+def fields_of(config: dict, fields) -> dict:
+    """The flat `a.b.c` values of a config (as a dict) under the dotted `fields`."""
+    return {k: v for k, v in _flat(config).items()
+            if any(k == f or k.startswith(f + ".") for f in fields)}
+
+
 def _shape_of(config: dict) -> dict:
-    flat = _flat(config)
-    return {k: v for k, v in flat.items()
-            if any(k == f or k.startswith(f + ".") for f in SHAPE_FIELDS)}
+    return fields_of(config, SHAPE_FIELDS)
 
 
 def _check_run(config, run_dir: str, what: str):

@@ -72,16 +72,23 @@ def clip_from_model(source: str, clip_config) -> dict:
                              ("model", "data.image_size", "data.context_length"))
 
 
+def _same_file_as_clip(config, section: str) -> str:
+    """`<section>.import_from`, which must name the file `clip.import_from` names: a prior or a
+    decoder only fits the CLIP it was trained on. Raises BundleError (one line) otherwise."""
+    from dalle_jax.pipeline import model_file
+    source = config[section].import_from
+    if model_file(config.clip.get("import_from") or "") != model_file(source):
+        raise bundle.BundleError(f"{section}.import_from={source} needs clip.import_from="
+                                 f"{source}: a {section} only fits the CLIP it was trained on")
+    return source
+
+
 def prior_from_model(config) -> tuple[dict, dict]:
     """(parameters, config as stored) of the prior of the model file `prior.import_from`, used
     as it is (not trained), so that a new decoder can be paired with a finished prior. A prior
     is tied to the CLIP it was trained on, so `clip.import_from` must name the same file; its
     family and model must be this config's."""
-    from dalle_jax.pipeline import model_file
-    source = config.prior.import_from
-    if model_file(config.clip.get("import_from") or "") != model_file(source):
-        raise bundle.BundleError(f"prior.import_from={source} needs clip.import_from={source}: a "
-                                 "prior only fits the CLIP it was trained on")
+    source = _same_file_as_clip(config, "prior")
     return _section_of_model(source, "prior", config.prior, ("family", "model"), with_config=True)
 
 
@@ -99,17 +106,14 @@ def decoder_from_model(config) -> dict:
     to the CLIP it was trained on, so `clip.import_from` must name the same file, and the file's
     decoder must have been trained under this config (DECODER_TRAINING_FIELDS)."""
     from dalle_jax.pipeline import model_file
-    source = config.decoder.import_from
-    if model_file(config.clip.get("import_from") or "") != model_file(source):
-        raise bundle.BundleError(f"decoder.import_from={source} needs clip.import_from={source}: "
-                                 "a decoder only fits the CLIP it was trained on")
+    source = _same_file_as_clip(config, "decoder")
     path = model_file(source)
     meta, params = bundle.load(path)
     if meta["configs"].get("generator") != "gan" or "generator" not in params:
         raise bundle.BundleError(f"decoder.import_from={source}: {path} holds no GAN generator")
     unset = lambda v: None if v in (None, "", 0, False, [], {}) else v
-    pick = lambda c: {k: unset(v) for k, v in config_lib._flat(c).items()
-                      if any(k == f or k.startswith(f + ".") for f in DECODER_TRAINING_FIELDS)}
+    pick = lambda c: {k: unset(v)
+                      for k, v in config_lib.fields_of(c, DECODER_TRAINING_FIELDS).items()}
     stored = pick(meta["configs"].get("decoder", {}))
     wanted = pick(json.loads(config.decoder.to_json_best_effort()))
     wanted.pop("import_from", None)
