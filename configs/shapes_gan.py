@@ -67,9 +67,10 @@ def get_config():
     # `c.prior = flow_prior()` gives the flow prior back (options: truncation, prior_temperature).
     c.prior = diffusion_prior()
 
-    # 7,000 steps of 64, then the refine stage's 1,200 (below): 67 + ~12 minutes at the 104-118
+    # 7,000 steps of 64, then the refine stage's 2,400 (below): 67 + ~24 minutes at the 104-118
     # images/s of an idle 2-core Xeon with AVX-512 and the best-of-8 search (the 7,000 took 95
-    # minutes at 83 images/s on a busier day; on a 2-core AMD EPYC with AVX2 only, 48 images/s).
+    # minutes at 83 images/s on a busier day; on a 2-core AMD EPYC with AVX2 only, 48 images/s,
+    # where the 2,400 refine steps took 56 minutes).
     # 4,500 steps stopped while adherence still climbed: decoder-alone 66 / 58% against 70 /
     # 69% (benchmarks/RESULTS.md, sessions 7, 12 and 13).
     # lr 1e-2, not 5e-3: the decoder learned the condition much sooner (decoder-alone
@@ -137,18 +138,19 @@ def get_config():
     c.decoder.eval_every = 500
     c.decoder.eval = dict(num_examples=300, use_ema=True)
 
-    # The refine stage: 1,200 steps that fine-tune the decoder's generator (its EMA, with a new
+    # The refine stage: 2,400 steps that fine-tune the decoder's generator (its EMA, with a new
     # discriminator and new Adam moments: `dalle_jax/train/stages.py`) at lr 3e-3 on batches
     # where one-object small stars and small diamonds, the kinds the decoder draws as blobs,
     # come 10 times as often (15 -> ~55% of pictures), from another data seed, with the squared
     # error taken at the best whole-pixel shift of the real picture (reconstruction_shift=1:
     # under the data's jitter the plain error's optimum blurs small stars; session 27). The
     # shipped pipeline against the 7,000 steps alone (1,000 eval captions): one object seen /
-    # held-out 88.3 / 83.5% against 76.9 / 79.4%, small diamonds 93% against 19, small stars
-    # 27% against 3, variations 85.8% against 80.1 (400 x 4), colour edits at 0.5 74.0%
-    # against 67.5 (400 sources), FID 56.4 against 57.0; 600 steps instead: 84.7 / 81.7%, small
-    # diamonds 74%, stars 16%, FID 61.2 (session 28; session 27's probe of those 600 on another
-    # CPU, 86.0 / 82.3%). Without the shift 84.0 / 81.5% at 600; the 600 steps as a final
+    # held-out 90.6 / 82.8% against 76.9 / 79.4%, small diamonds 96% against 19, small stars
+    # 41% against 3, variations 86.7% against 80.1 (400 x 4), colour edits at 0.5 74.0%
+    # against 67.5 (400 sources), FID 54.4 against 57.0 (session 29). 1,200 steps instead:
+    # 88.3 / 83.5%, small stars 27%, variations 85.8%, edits 74.0%, FID 56.4; 600 steps: 84.7 /
+    # 81.7%, small diamonds 74%, stars 16%, FID 61.2 (session 28; session 27's probe of those
+    # 600 on another CPU, 86.0 / 82.3%). Without the shift 84.0 / 81.5% at 600; the 600 steps as a final
     # phase of the decoder's run instead (its Adam moments and discriminator kept) 80.5 /
     # 79.7% (benchmarks/RESULTS.md, session 27). Earlier, as that final phase: without
     # oversampling 74.9 / 71.7% against 72.6 / 71.5% with the flow prior (session 26); "small
@@ -157,7 +159,7 @@ def get_config():
     # against 70.0 / 72.8% (session 23).
     # Its block holds what differs from the decoder's; every other field is the decoder's
     # (overrides of decoder.* reach it too), but where the parameters come from.
-    c.refine = dict(total_steps=1200, optim=dict(lr=3e-3),
+    c.refine = dict(total_steps=2400, optim=dict(lr=3e-3),
                     data=dict(seed=1, oversample="small star:10,small diamond:10"),
                     loss=dict(reconstruction_shift=1))
     return c

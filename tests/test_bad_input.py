@@ -158,7 +158,7 @@ def test_config_schema_accepts_the_shipped_configs_and_ints_for_floats(tmp_path)
                                           "refine.data.global_batch=32"])
     refine = config_lib.stage_config(config, "refine")
     assert (refine.model.w_dim, refine.loss.clip_weight, refine.data.global_batch,
-            refine.total_steps, config.decoder.data.global_batch) == (64, 2.0, 32, 1200, 64)
+            refine.total_steps, config.decoder.data.global_batch) == (64, 2.0, 32, 2400, 64)
     with pytest.raises(config_lib.ConfigError, match=r"refine.model.w_dim=32 differs from "
                        r"decoder.model.w_dim=128: the refine stage fine-tunes the decoder's"):
         config_lib.load(GAN_CONFIG, ["refine.model.w_dim=32"])
