@@ -150,9 +150,9 @@ def get_config():
     # against 67.5 (400 sources), FID 54.4 against 57.0 (session 29). 1,200 steps instead:
     # 88.3 / 83.5%, small stars 27%, variations 85.8%, edits 74.0%, FID 56.4; 600 steps: 84.7 /
     # 81.7%, small diamonds 74%, stars 16%, FID 61.2 (session 28; session 27's probe of those
-    # 600 on another CPU, 86.0 / 82.3%). Without the shift 84.0 / 81.5% at 600; the 600 steps as a final
-    # phase of the decoder's run instead (its Adam moments and discriminator kept) 80.5 /
-    # 79.7% (benchmarks/RESULTS.md, session 27). Earlier, as that final phase: without
+    # 600 on another CPU, 86.0 / 82.3%). Without the shift 84.0 / 81.5% at 600; the 600 steps
+    # as a final phase of the decoder's run instead (its Adam moments and discriminator kept)
+    # 80.5 / 79.7% (benchmarks/RESULTS.md, session 27). Earlier, as that final phase: without
     # oversampling 74.9 / 71.7% against 72.6 / 71.5% with the flow prior (session 26); "small
     # star:20" alone 75.9 / 74.3% (stars do not learn from exposure here, diamonds do; sessions
     # 23 and 26); oversampling "small star:3,small diamond:3" over the whole run, 69.7 / 72.2%
