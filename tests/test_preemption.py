@@ -21,20 +21,11 @@ import pytest
 
 from dalle_jax import checkpoint as ckpt_lib
 from dalle_jax import cli
-from dalle_jax import config as config_lib
 from dalle_jax.train import clip as clip_family
 from dalle_jax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "shapes_clip.py")
 # The tiny run of tests/test_train.py, so that both files share compiled programs.
-TINY = ["model.variant=micro", "data.image_size=16", "data.context_length=16",
-        "data.global_batch=16", "data.num_threads=1", "total_steps=6", "log_every=1",
-        "eval_every=0", "checkpoint_every=3", "progress_bar=False", "optim.warmup_steps=2"]
-
-
-def tiny_config(*overrides):
-    return config_lib.load(CONFIG, TINY + list(overrides))
+from test_train import CONFIG, ROOT, TINY, tiny_config
 
 
 def params_of(state):
