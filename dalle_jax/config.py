@@ -132,6 +132,7 @@ SCHEMAS: dict[str, dict] = {
                       "channels": Field(list, item=int), "d_channels": Field(list, item=int),
                       "noise": Field(bool), "cross_attention_res": Field(list, item=int),
                       "text_drop_prob": _opt(float, minimum=0),
+                      "text_reader_layers": _opt(int, minimum=0),
                       "condition": Field(str, choices=("image", "text")),
                       "upsample": _opt(str, choices=("nearest", "bilinear")),
                       "input_res": _opt(int, minimum=1),
@@ -367,9 +368,16 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
     return merged
 
 
+# Model fields the refine stage may set apart from the decoder's: they add layers that read
+# the caption (new, started as the identity: `train.gan.GANTask.init_params`) or say how
+# often the caption is hidden from them; every other weight is the decoder's.
+REFINE_MAY_ADD = ("model.cross_attention_res", "model.text_reader_layers",
+                  "model.text_drop_prob")
+
+
 def _check_refine(config, where: str):
     """The `refine` stage fine-tunes the decoder stage's generator: a GAN decoder of the same
-    shape, started from nothing else."""
+    shape (but for caption layers it may add: REFINE_MAY_ADD), started from nothing else."""
     if config.decoder.family != "gan":
         raise ConfigError(f"{where}refine fine-tunes a GAN decoder; decoder.family is "
                           f"{config.decoder.family}: drop the refine block")
@@ -380,6 +388,8 @@ def _check_refine(config, where: str):
     decoder, refine = (_shape_of(json.loads(c.to_json_best_effort()))
                        for c in (config.decoder, stage_config(config, "refine")))
     for key in sorted(set(decoder) | set(refine)):
+        if key in REFINE_MAY_ADD:
+            continue
         if decoder.get(key) != refine.get(key):
             raise ConfigError(f"{where}refine.{key}={_short(refine.get(key))} differs from "
                               f"decoder.{key}={_short(decoder.get(key))}: the refine stage "

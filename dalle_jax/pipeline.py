@@ -156,7 +156,8 @@ class GANGenerator:
                 embed_dim=clip_config.embed_dim, token_dim=clip_config.text_width,
                 width=p["width"], depth=p["depth"], sample_steps=p["sample_steps"]))
             self.option_names = ("truncation", "prior_temperature")
-        g = configs["decoder"]["model"]
+        # The refine stage's model where there is one: it may add layers that read the caption.
+        g = configs.get("refine", configs["decoder"])["model"]
         self.gan_config = gan_lib.config_from(g, image_size, clip_config.embed_dim,
                                               clip_config.text_width)
         self.condition = g.get("condition", "image")

@@ -173,6 +173,35 @@ def test_upsample_conv2d_equals_conv_of_the_upsampled_map(side, cin, cout):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_text_reader_reads_both_ways_and_not_past_the_mask():
+    """The reader's first token sees a later one (the frozen CLIP's causal features cannot),
+    a token outside the mask changes nothing, and the generator's cross-attention reads the
+    reader's features (its parameters are in the tree and change the picture)."""
+    reader = gan.TextReader(num_layers=2)
+    k = jax.random.PRNGKey(0)
+    tokens = jax.random.normal(k, (2, 6, 16))
+    mask = jnp.array([[True] * 4 + [False] * 2] * 2)
+    params = reader.init(k, tokens, mask)
+    out = np.asarray(reader.apply(params, tokens, mask))
+    change = jax.random.normal(jax.random.PRNGKey(1), (2, 16))  # not a constant: LayerNorm
+    later = np.asarray(reader.apply(params, tokens.at[:, 3].add(change), mask))
+    assert np.abs(out[:, 0] - later[:, 0]).max() > 1e-3  # token 0 reads token 3
+    padded = np.asarray(reader.apply(params, tokens.at[:, 5].add(change), mask))
+    np.testing.assert_allclose(padded[:, :4], out[:, :4], atol=1e-6)
+
+    config = gan.GANConfig(resolution=32, cross_attention_res=(8,), text_reader_layers=1,
+                           **SMALL)
+    z, cond = jax.random.normal(k, (2, 16)), jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+    g = gan.Generator(config)
+    gp = g.init(k, z, cond, k, tokens, mask)["params"]
+    assert "text_reader" in gp["synthesis"]
+    moved = jax.tree.map(lambda x: x, gp)
+    qkv = moved["synthesis"]["text_reader"]["block0_qkv"]
+    qkv["kernel"] = qkv["kernel"] + jax.random.normal(k, qkv["kernel"].shape)
+    a, b = (np.asarray(g.apply({"params": p}, z, cond, k, tokens, mask)) for p in (gp, moved))
+    assert np.abs(a - b).max() > 1e-3
+
+
 @pytest.mark.parametrize("synthesis", ["style", "conv"])
 def test_cross_attention_reads_tokens_and_an_empty_mask_leaves_it_out(synthesis):
     """With tokens the picture depends on them; a row with no token (a dropped caption, a

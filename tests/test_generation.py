@@ -549,3 +549,33 @@ def test_refine_fine_tunes_an_imported_decoders_generator(tmp_path, model_file):
     with pytest.raises(bundle.BundleError, match=r"trained under another config \(decoder\."
                        r"total_steps=7000 there, 500 here\)"):
         stages.decoder_from_model(config_lib.apply_overrides(config, ["decoder.total_steps=500"]))
+
+
+def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_path, model_file,
+                                                                           pipe):
+    """The refine stage's generator under a model with cross-attention and a text reader that
+    the decoder lacks: the new layers start fresh, each attention's output projection at zero,
+    so the model file draws what the decoder's did; `Pipeline.load` builds the refine stage's
+    model; a generator missing any other weight is refused."""
+    from dalle_jax.train.gan import with_added_layers
+    config = small_config("refine.model.cross_attention_res=(8,)",
+                          "refine.model.text_reader_layers=1", refine=True)
+    _, params = bundle.load(model_file)
+    refine = config_lib.stage_config(config, "refine")
+    task = GANTask(refine, params["clip"], config.clip, initial_generator=params["generator"])
+    generator = task.init_params(jax.random.PRNGKey(0))["generator"]
+    assert {"b8_xattn", "text_reader"} <= set(generator["synthesis"])
+    assert "b8_xattn" not in params["generator"]["synthesis"]
+    path = str(tmp_path / "grown.npz")
+    stages.export(path, config, params["clip"], params["prior"], generator)
+    before = pipe.generate(PROMPTS, num_per_prompt=2, seed=5)
+    grown = Pipeline.load(path, batch_size=4)
+    np.testing.assert_allclose(grown.generate(PROMPTS, num_per_prompt=2, seed=5), before, atol=1)
+    # Once the attention's output moves, the caption's features reach the picture.
+    moved = jax.tree.map(np.array, generator)
+    moved["synthesis"]["b8_xattn"]["out"]["kernel"] += 0.05
+    stages.export(path, config, params["clip"], params["prior"], moved)
+    after = Pipeline.load(path, batch_size=4).generate(PROMPTS, num_per_prompt=2, seed=5)
+    assert np.abs(after.astype(int) - before).max() > 2
+    with pytest.raises(ValueError, match="lacks parameter .*mapping"):
+        with_added_layers({"synthesis": params["generator"]["synthesis"]}, generator)

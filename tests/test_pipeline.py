@@ -147,8 +147,21 @@ def test_oversample_from_keeps_the_plain_stream_before_its_element():
                                oversample_from=-1)
 
 
+def test_oversample_two_objects():
+    def share(source):
+        captions = [c for k in range(30) for c in _captions(source, k)]
+        return sum(len(shapes.parse_caption(c).objects) == 2 for c in captions) / len(captions)
+
+    plain = share(pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64))
+    boosted = share(pipeline.ShapesBatches("train", 0, 8, 16, global_batch=64,
+                                           oversample="two objects:3"))
+    want = 3 * plain / (3 * plain + 1 - plain)  # 0.3 -> 0.56
+    assert 0.25 < plain < 0.35 and abs(boosted - want) < 0.06, (plain, boosted, want)
+
+
 def test_bad_oversample_is_one_clear_line():
-    for spec in ("tiny star:3", "small star", "small star:0.5", "small:3", "small star:x"):
+    for spec in ("tiny star:3", "small star", "small star:0.5", "small:3", "small star:x",
+                 "two object:3", "three objects:2"):
         with pytest.raises(ValueError, match="data.oversample item") as e:
             pipeline.ShapesBatches("train", 0, 8, 16, global_batch=8, oversample=spec)
         assert "\n" not in str(e.value)

@@ -12,8 +12,8 @@ batch, the one picture and caption it differs from in that attribute alone.
 where b = global_batch / process_count. Element k on host p holds examples
 k * global_batch + p * b + [0, b) of the source, so the stream is a pure function of the step
 and the host; the iterator's state (the next k) is saved with each checkpoint.
-With `oversample` (shapes only, e.g. "small star:3,small diamond:3") one-object scenes of a
-named size and shape are drawn that many times as often as the generator makes them, by
+With `oversample` (shapes only, e.g. "small star:3,small diamond:3" or "two objects:3")
+one-object scenes of a named size and shape, or two-object scenes, are drawn that many times as often as the generator makes them, by
 rejection sampling over the scene indices (`ShapesBatches.pick`): still a pure function of the
 step and the host, but element k then holds other scene indices than those above. With
 `oversample_from` = N > 0 that holds from element N on only, and elements 0 .. N - 1 are the
@@ -60,23 +60,30 @@ _OVERSAMPLE_TRIES = 256
 _OVERSAMPLE_MAX = 20.0
 
 
+# The `data.oversample` kind of every two-object scene.
+TWO_OBJECTS = ("two", "objects")
+
+
 def parse_oversample(spec: str) -> dict[tuple[str, str], float]:
-    """`data.oversample`, "size shape:factor,...", as {(size, shape): factor}; "" is none."""
+    """`data.oversample`, "size shape:factor,..." (one-object scenes of that size and shape)
+    or "two objects:factor", as {(size, shape) or TWO_OBJECTS: factor}; "" is none."""
     factors = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, factor = item.rpartition(":")
-        words = kind.split()
+        words = tuple(kind.split())
         try:
             value = float(factor)
         except ValueError:
             value = None
-        if (len(words) != 2 or words[0] not in shapes.SIZES or words[1] not in shapes.SHAPES
+        if (not (words == TWO_OBJECTS or len(words) == 2 and words[0] in shapes.SIZES
+                 and words[1] in shapes.SHAPES)
                 or value is None or not 1.0 <= value <= _OVERSAMPLE_MAX):
             raise DataError(
                 f"data.oversample item {item!r} is not 'size shape:factor' with a size in "
-                f"{', '.join(shapes.SIZES)}, a shape in {', '.join(shapes.SHAPES)} and a "
-                f"factor from 1 to {_OVERSAMPLE_MAX:g} (e.g. 'small star:3,small diamond:3')")
-        factors[(words[0], words[1])] = value
+                f"{', '.join(shapes.SIZES)}, a shape in {', '.join(shapes.SHAPES)}, or 'two "
+                f"objects:factor', with a factor from 1 to {_OVERSAMPLE_MAX:g} (e.g. "
+                "'small star:3,small diamond:3')")
+        factors[words] = value
     return factors
 
 
@@ -155,7 +162,7 @@ class ShapesBatches:
         """The scene index at position `slot` of the stream, in element `k`: the slot itself,
         or under `oversample` (from element `oversample_from` on) the first of candidates
         slot * T + t kept with probability factor / largest factor (a one-object scene of a
-        named size and shape has its factor, any other scene 1), so the stream is still a pure
+        named size and shape, or a two-object scene, has its factor, any other scene 1), so the stream is still a pure
         function of the slot."""
         if not self.oversample or int(k) < self.oversample_from:
             return int(slot)
@@ -163,10 +170,11 @@ class ShapesBatches:
         for t in range(_OVERSAMPLE_TRIES):
             index = int(slot) * _OVERSAMPLE_TRIES + t
             sc = shapes.scene(index, self.split, self.seed)
-            factor = 1.0
             if len(sc.objects) == 1:
                 obj = sc.objects[0]
                 factor = self.oversample.get((obj.size_name, obj.shape), 1.0)
+            else:
+                factor = self.oversample.get(TWO_OBJECTS, 1.0)
             if np.random.default_rng([self.seed, 3, index]).random() * top < factor:
                 break
         return index

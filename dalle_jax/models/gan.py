@@ -54,6 +54,12 @@ class GANConfig:
     # The share of training examples whose caption the cross-attention does not see, so that
     # the decoder also draws from an image vector alone (variations, interpolation, edits).
     text_drop_prob: float = 0.0
+    # Pre-LN Transformer blocks, trained with the generator, that read the caption's token
+    # features again, in both directions, before the cross-attention sees them (0: none, the
+    # frozen CLIP's causal features as they are). DALL-E 2's decoder has a text encoder of its
+    # own (GLIDE's; Ramesh et al. 2022, Nichol et al. 2022): the frozen CLIP's first object's
+    # words come before the relation word, so they cannot say where that object goes.
+    text_reader_layers: int = 0
     # Add a projection of w to the 4x4 input (as a DCGAN/BigGAN generator starts), so that
     # where things go depends on the condition from the first layer, not only on which
     # channels of the constant the styles switch on.
@@ -119,6 +125,7 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         channels=tuple(model["channels"]), d_channels=tuple(model["d_channels"]),
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
         text_drop_prob=model.get("text_drop_prob", 0.0),
+        text_reader_layers=model.get("text_reader_layers", 0),
         token_dim=token_dim, upsample=model.get("upsample", GANConfig.upsample),
         input_res=model.get("input_res", GANConfig.input_res),
         norm_groups=model.get("norm_groups", GANConfig.norm_groups),
@@ -360,6 +367,43 @@ class CrossAttention(nn.Module):
         return x + (out * any_token).reshape(b, h, w, c)
 
 
+class TextReader(nn.Module):
+    """Token features [B, L, T] -> [B, L, T] through `num_layers` pre-LN Transformer blocks
+    with learned positions; a token attends to every token its row's mask [B, L] holds."""
+
+    num_layers: int
+    num_heads: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, token_mask):
+        b, length, d = tokens.shape
+        heads = self.num_heads
+        x = tokens + self.param("positional_embedding", nn.initializers.normal(0.01),
+                                (length, d))
+        visible = token_mask[:, None, None, :]
+        for i in range(self.num_layers):
+            y = nn.LayerNorm(dtype=self.dtype, name=f"block{i}_ln_1")(x)
+            qkv = layers.Dense(3 * d, dtype=self.dtype, name=f"block{i}_qkv")(y)
+            q, k, v = jnp.split(qkv.reshape(b, length, 3, heads, d // heads), 3, axis=2)
+            out = layers.attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=visible)
+            x = x + layers.Dense(d, dtype=self.dtype, name=f"block{i}_out")(
+                out.reshape(b, length, d))
+            y = nn.LayerNorm(dtype=self.dtype, name=f"block{i}_ln_2")(x)
+            y = layers.Dense(4 * d, dtype=self.dtype, name=f"block{i}_fc")(y)
+            x = x + layers.Dense(d, dtype=self.dtype, name=f"block{i}_proj")(nn.gelu(y))
+        return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+
+
+def read_tokens(config: GANConfig, tokens, token_mask, dtype):
+    """The token features the cross-attention layers read: the reader's where the config has
+    one (called inside a synthesis network's compact scope), else the tokens as given."""
+    if tokens is None or not config.text_reader_layers or not config.cross_attention_res:
+        return tokens
+    return TextReader(config.text_reader_layers, dtype=dtype, name="text_reader")(
+        tokens, token_mask)
+
+
 class SynthesisLayer(nn.Module):
     features: int
     noise: bool = True
@@ -398,6 +442,7 @@ class SynthesisNetwork(nn.Module):
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
+        tokens = read_tokens(c, tokens, token_mask, self.dtype)
         for i in range(levels):
             res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:
@@ -448,6 +493,7 @@ class ConvSynthesisNetwork(nn.Module):
         x = EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w)
         x = x.reshape(b, r0, r0, c.channels[0]).astype(self.dtype)
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
+        tokens = read_tokens(c, tokens, token_mask, self.dtype)
         for i in range(levels):
             res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:

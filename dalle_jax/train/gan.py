@@ -183,6 +183,39 @@ def generator_from_model(source: str, expected) -> dict:
     return params["generator"]
 
 
+# What the names of the layers a fine-tune may add hold (`models/gan.py`).
+ADDED_LAYERS = ("_xattn", "text_reader")
+
+
+def with_added_layers(initial, fresh) -> dict:
+    """The generator `initial` (a finished one's parameters) under this config, whose tree
+    `fresh` may hold layers that `initial` lacks (a refine stage that adds cross-attention to
+    the caption: `config.REFINE_MAY_ADD`). Those start fresh, every cross-attention's output
+    projection at zero, so the layer adds nothing yet and the fine-tune starts from the
+    initial generator's pictures; every other weight must be in `initial` with its shape."""
+    flat = lambda tree: {jax.tree_util.keystr(k): v
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = flat(initial), flat(fresh)
+    for key in sorted(set(have) | set(want)):
+        if key in have and (key not in want or have[key].shape != want[key].shape):
+            raise ValueError(f"the initial generator does not fit this config (parameter "
+                             f"{key}: {have[key].shape} there, "
+                             f"{want[key].shape if key in want else 'none'} here)")
+        if key not in have and not any(part in key for part in ADDED_LAYERS):
+            raise ValueError(f"the initial generator lacks parameter {key}, which is not one "
+                             "of the caption layers a fine-tune may add")
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if key in have:
+            return jnp.asarray(have[key])
+        if "_xattn" in key and "['out']" in key:
+            return jnp.zeros_like(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
 class GANTask:
     """What the shared loop needs: init, grads of both players, frozen CLIP, evaluation."""
 
@@ -228,8 +261,9 @@ class GANTask:
         kg, kd = jax.random.split(rng)
         images = jnp.zeros((1, c.disc_resolution, c.disc_resolution, 3))
         cond = jnp.ones((1, c.cond_dim))
-        generator = (once.jit(self._init_generator)(kg) if self.initial_generator is None else
-                     jax.tree.map(jnp.asarray, self.initial_generator))
+        generator = once.jit(self._init_generator)(kg)
+        if self.initial_generator is not None:
+            generator = with_added_layers(self.initial_generator, generator)
         return {"generator": generator,
                 "discriminator": once.jit(self.discriminator.init)(kd, images, cond)["params"]}
 
