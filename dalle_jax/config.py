@@ -133,6 +133,7 @@ SCHEMAS: dict[str, dict] = {
                       "noise": Field(bool), "cross_attention_res": Field(list, item=int),
                       "text_drop_prob": _opt(float, minimum=0),
                       "text_reader_layers": _opt(int, minimum=0),
+                      "caption_to_w": _opt(bool),
                       "condition": Field(str, choices=("image", "text")),
                       "upsample": _opt(str, choices=("nearest", "bilinear")),
                       "input_res": _opt(int, minimum=1),
@@ -372,7 +373,7 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
 # the caption (new, started as the identity: `train.gan.GANTask.init_params`) or say how
 # often the caption is hidden from them; every other weight is the decoder's.
 REFINE_MAY_ADD = ("model.cross_attention_res", "model.text_reader_layers",
-                  "model.text_drop_prob")
+                  "model.caption_to_w", "model.text_drop_prob")
 
 
 def _check_refine(config, where: str):

@@ -186,20 +186,23 @@ class GANGenerator:
         Truncation pulls w toward the condition's own mean style (the conditional truncation
         of StyleGAN-T), estimated from a fixed set of z draws. A decoder with cross-attention
         reads the caption's token features [B, L, T] where `mask` [B, L] holds any token (a
-        prompt); an all-false row (a decode from an image vector alone) leaves it out."""
+        prompt), as does the mapping network with `caption_to_w`; an all-false row (a decode
+        from an image vector alone) leaves them out."""
         g = self.generator
         gp = {"params": p["generator"]}
-        mapping = lambda z, c: g.apply(gp, z, c, method=lambda m, z, c: m.mapping(z, c))
+        mapping = lambda z, c, t: g.apply(gp, z, c, t, method=lambda m, *a: m.mapping(*a))
         z_fixed = jax.random.normal(jax.random.PRNGKey(0), (TRUNCATION_SAMPLES, g.config.z_dim))
         psi = options["truncation"]
 
         def one(key, c, f, m):
             kz, kn = jax.random.split(key)
-            w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None])
+            f, t = g.apply(gp, f[None], m[None], method=lambda mod, f, m: mod.read(f, m))
+            w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None], t)
             if psi != 1.0:
-                w_mean = mapping(z_fixed, jnp.repeat(c[None], TRUNCATION_SAMPLES, 0)).mean(0)
+                repeat = lambda x: None if x is None else jnp.repeat(x, TRUNCATION_SAMPLES, 0)
+                w_mean = mapping(z_fixed, repeat(c[None]), repeat(t)).mean(0)
                 w = w_mean + psi * (w - w_mean)
-            return g.apply(gp, w, kn, f[None], m[None],
+            return g.apply(gp, w, kn, f, m[None],
                            method=lambda mod, w, k, f, m: mod.synthesis(w, k, f, m))[0]
 
         return jax.vmap(one)(keys, embed, features, mask)

@@ -189,17 +189,25 @@ def test_text_reader_reads_both_ways_and_not_past_the_mask():
     padded = np.asarray(reader.apply(params, tokens.at[:, 5].add(change), mask))
     np.testing.assert_allclose(padded[:, :4], out[:, :4], atol=1e-6)
 
-    config = gan.GANConfig(resolution=32, cross_attention_res=(8,), text_reader_layers=1,
-                           **SMALL)
-    z, cond = jax.random.normal(k, (2, 16)), jax.random.normal(jax.random.PRNGKey(1), (2, 16))
-    g = gan.Generator(config)
-    gp = g.init(k, z, cond, k, tokens, mask)["params"]
-    assert "text_reader" in gp["synthesis"]
-    moved = jax.tree.map(lambda x: x, gp)
-    qkv = moved["synthesis"]["text_reader"]["block0_qkv"]
-    qkv["kernel"] = qkv["kernel"] + jax.random.normal(k, qkv["kernel"].shape)
-    a, b = (np.asarray(g.apply({"params": p}, z, cond, k, tokens, mask)) for p in (gp, moved))
-    assert np.abs(a - b).max() > 1e-3
+    # The generator's cross-attention and (caption_to_w) mapping network read the reader's
+    # features: its parameters are in the tree and change the picture.
+    for xattn, to_w in (((8,), False), ((), True)):
+        config = gan.GANConfig(resolution=32, cross_attention_res=xattn, text_reader_layers=1,
+                               caption_to_w=to_w, **SMALL)
+        z = jax.random.normal(k, (2, 16))
+        cond = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+        g = gan.Generator(config)
+        gp = g.init(k, z, cond, k, tokens, mask)["params"]
+        assert "text_reader" in gp and ("embed_caption" in gp["mapping"]) == to_w
+        moved = jax.tree.map(lambda x: x, gp)
+        qkv = moved["text_reader"]["block0_qkv"]
+        qkv["kernel"] = qkv["kernel"] + jax.random.normal(k, qkv["kernel"].shape)
+        a, b = (np.asarray(g.apply({"params": p}, z, cond, k, tokens, mask)) for p in (gp, moved))
+        assert np.abs(a - b).max() > 1e-3
+        # A row without a caption draws what the decoder draws without tokens.
+        empty = jnp.zeros_like(mask)
+        np.testing.assert_allclose(g.apply({"params": gp}, z, cond, k, tokens, empty),
+                                   g.apply({"params": gp}, z, cond, k), atol=1e-6)
 
 
 @pytest.mark.parametrize("synthesis", ["style", "conv"])

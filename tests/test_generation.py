@@ -559,12 +559,14 @@ def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_pa
     model; a generator missing any other weight is refused."""
     from dalle_jax.train.gan import with_added_layers
     config = small_config("refine.model.cross_attention_res=(8,)",
-                          "refine.model.text_reader_layers=1", refine=True)
+                          "refine.model.text_reader_layers=1", "refine.model.caption_to_w=True",
+                          refine=True)
     _, params = bundle.load(model_file)
     refine = config_lib.stage_config(config, "refine")
     task = GANTask(refine, params["clip"], config.clip, initial_generator=params["generator"])
     generator = task.init_params(jax.random.PRNGKey(0))["generator"]
-    assert {"b8_xattn", "text_reader"} <= set(generator["synthesis"])
+    assert "b8_xattn" in generator["synthesis"] and "text_reader" in generator
+    assert "embed_caption" in generator["mapping"]
     assert "b8_xattn" not in params["generator"]["synthesis"]
     path = str(tmp_path / "grown.npz")
     stages.export(path, config, params["clip"], params["prior"], generator)
@@ -573,9 +575,14 @@ def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_pa
     np.testing.assert_allclose(grown.generate(PROMPTS, num_per_prompt=2, seed=5), before, atol=1)
     # Once the attention's output moves, the caption's features reach the picture.
     moved = jax.tree.map(np.array, generator)
-    moved["synthesis"]["b8_xattn"]["out"]["kernel"] += 0.05
-    stages.export(path, config, params["clip"], params["prior"], moved)
-    after = Pipeline.load(path, batch_size=4).generate(PROMPTS, num_per_prompt=2, seed=5)
-    assert np.abs(after.astype(int) - before).max() > 2
+    for name, layer in (("xattn", moved["synthesis"]["b8_xattn"]["out"]),
+                        ("caption_to_w", moved["mapping"]["embed_caption"])):
+        # Random, not constant: LayerNorm'd features sum to zero over channels.
+        change = np.random.default_rng(0).standard_normal(layer["kernel"].shape)
+        layer["kernel"] += change
+        stages.export(path, config, params["clip"], params["prior"], moved)
+        after = Pipeline.load(path, batch_size=4).generate(PROMPTS, num_per_prompt=2, seed=5)
+        assert np.abs(after.astype(int) - before).max() > 2, name
+        layer["kernel"] -= change
     with pytest.raises(ValueError, match="lacks parameter .*mapping"):
         with_added_layers({"synthesis": params["generator"]["synthesis"]}, generator)

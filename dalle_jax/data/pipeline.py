@@ -13,12 +13,13 @@ where b = global_batch / process_count. Element k on host p holds examples
 k * global_batch + p * b + [0, b) of the source, so the stream is a pure function of the step
 and the host; the iterator's state (the next k) is saved with each checkpoint.
 With `oversample` (shapes only, e.g. "small star:3,small diamond:3" or "two objects:3")
-one-object scenes of a named size and shape, or two-object scenes, are drawn that many times as often as the generator makes them, by
-rejection sampling over the scene indices (`ShapesBatches.pick`): still a pure function of the
-step and the host, but element k then holds other scene indices than those above. With
-`oversample_from` = N > 0 that holds from element N on only, and elements 0 .. N - 1 are the
-plain stream's: a final phase that dwells on rare kinds, inside one run, which up to element N
-is the run without it (so a checkpoint from before N resumes into it exactly).
+one-object scenes of a named size and shape, or two-object scenes, are drawn that many times
+as often as the generator makes them, by rejection sampling over the scene indices
+(`ShapesBatches.pick`): still a pure function of the step and the host, but element k then
+holds other scene indices than those above. With `oversample_from` = N > 0 that holds from
+element N on only, and elements 0 .. N - 1 are the plain stream's: a final phase that dwells
+on rare kinds, inside one run, which up to element N is the run without it (so a checkpoint
+from before N resumes into it exactly).
 
 Image-text data (`data.name = "folder"` or `"shards"`, at `data.path`) gives the same keys.
 Each host reads its own files or shards (`[process_index::process_count]` of the sorted list),
@@ -162,8 +163,8 @@ class ShapesBatches:
         """The scene index at position `slot` of the stream, in element `k`: the slot itself,
         or under `oversample` (from element `oversample_from` on) the first of candidates
         slot * T + t kept with probability factor / largest factor (a one-object scene of a
-        named size and shape, or a two-object scene, has its factor, any other scene 1), so the stream is still a pure
-        function of the slot."""
+        named size and shape, or a two-object scene, has its factor, any other scene 1), so the
+        stream is still a pure function of the slot."""
         if not self.oversample or int(k) < self.oversample_from:
             return int(slot)
         top = max(self.oversample.values())

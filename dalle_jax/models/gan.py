@@ -51,8 +51,9 @@ class GANConfig:
     d_channels: tuple[int, ...] = (64, 128, 256, 256)
     noise: bool = True
     cross_attention_res: tuple[int, ...] = ()  # e.g. (8,) as in GigaGAN
-    # The share of training examples whose caption the cross-attention does not see, so that
-    # the decoder also draws from an image vector alone (variations, interpolation, edits).
+    # The share of training examples whose caption the cross-attention (and caption_to_w)
+    # does not see, so that the decoder also draws from an image vector alone (variations,
+    # interpolation, edits).
     text_drop_prob: float = 0.0
     # Pre-LN Transformer blocks, trained with the generator, that read the caption's token
     # features again, in both directions, before the cross-attention sees them (0: none, the
@@ -60,6 +61,10 @@ class GANConfig:
     # own (GLIDE's; Ramesh et al. 2022, Nichol et al. 2022): the frozen CLIP's first object's
     # words come before the relation word, so they cannot say where that object goes.
     text_reader_layers: int = 0
+    # Add the mean of the (read) caption's token features to the condition the mapping network
+    # embeds, so that w itself says what the caption says beyond the CLIP vector (which colour
+    # goes where: one bit that the 4x4 input map from w can place, as it places one object).
+    caption_to_w: bool = False
     # Add a projection of w to the 4x4 input (as a DCGAN/BigGAN generator starts), so that
     # where things go depends on the condition from the first layer, not only on which
     # channels of the constant the styles switch on.
@@ -126,6 +131,7 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         noise=model["noise"], cross_attention_res=tuple(model["cross_attention_res"]),
         text_drop_prob=model.get("text_drop_prob", 0.0),
         text_reader_layers=model.get("text_reader_layers", 0),
+        caption_to_w=model.get("caption_to_w", False),
         token_dim=token_dim, upsample=model.get("upsample", GANConfig.upsample),
         input_res=model.get("input_res", GANConfig.input_res),
         norm_groups=model.get("norm_groups", GANConfig.norm_groups),
@@ -304,10 +310,17 @@ class MappingNetwork(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, z, cond):
+    def __call__(self, z, cond, caption=None):
+        """`caption` [B, T]: the caption vector of `Generator.read` (with `caption_to_w`;
+        zeros or None where there is no caption)."""
         c = self.config
         cond = cond / jnp.linalg.norm(cond, axis=-1, keepdims=True).clip(1e-6)
         embed = EqualizedDense(c.w_dim, name="embed_cond")(cond)
+        if c.caption_to_w:
+            if caption is None:
+                caption = jnp.zeros((cond.shape[0], c.token_dim), cond.dtype)
+            # No bias: a row without a caption adds nothing.
+            embed = embed + EqualizedDense(c.w_dim, use_bias=False, name="embed_caption")(caption)
         x = jnp.concatenate([normalize_2nd_moment(z), normalize_2nd_moment(embed)], axis=-1)
         for i in range(c.mapping_layers):
             x = lrelu(EqualizedDense(c.w_dim, lr_mul=c.mapping_lr_mul, name=f"fc{i}")(x))
@@ -395,15 +408,6 @@ class TextReader(nn.Module):
         return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
 
 
-def read_tokens(config: GANConfig, tokens, token_mask, dtype):
-    """The token features the cross-attention layers read: the reader's where the config has
-    one (called inside a synthesis network's compact scope), else the tokens as given."""
-    if tokens is None or not config.text_reader_layers or not config.cross_attention_res:
-        return tokens
-    return TextReader(config.text_reader_layers, dtype=dtype, name="text_reader")(
-        tokens, token_mask)
-
-
 class SynthesisLayer(nn.Module):
     features: int
     noise: bool = True
@@ -442,7 +446,6 @@ class SynthesisNetwork(nn.Module):
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
         rgb = None
         keys = jax.random.split(rng, 2 * levels)
-        tokens = read_tokens(c, tokens, token_mask, self.dtype)
         for i in range(levels):
             res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:
@@ -493,7 +496,6 @@ class ConvSynthesisNetwork(nn.Module):
         x = EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w)
         x = x.reshape(b, r0, r0, c.channels[0]).astype(self.dtype)
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
-        tokens = read_tokens(c, tokens, token_mask, self.dtype)
         for i in range(levels):
             res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:
@@ -513,12 +515,30 @@ class Generator(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.mapping = MappingNetwork(self.config, self.dtype)
-        synthesis = ConvSynthesisNetwork if self.config.synthesis == "conv" else SynthesisNetwork
-        self.synthesis = synthesis(self.config, self.dtype)
+        c = self.config
+        self.mapping = MappingNetwork(c, self.dtype)
+        synthesis = ConvSynthesisNetwork if c.synthesis == "conv" else SynthesisNetwork
+        self.synthesis = synthesis(c, self.dtype)
+        if c.text_reader_layers and (c.cross_attention_res or c.caption_to_w):
+            self.text_reader = TextReader(c.text_reader_layers, dtype=self.dtype)
+
+    def read(self, tokens, token_mask):
+        """The caption's token features [B, L, T] as the cross-attention reads them (through
+        the reader where the config has one) and the caption vector [B, T] for the mapping
+        network (their mean over the mask's tokens; zeros for a row without any), or None."""
+        if tokens is None:
+            return None, None
+        if hasattr(self, "text_reader"):
+            tokens = self.text_reader(tokens, token_mask)
+        caption = None
+        if self.config.caption_to_w:
+            m = token_mask[..., None].astype(tokens.dtype)
+            caption = jnp.sum(tokens * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return tokens, caption
 
     def __call__(self, z, cond, rng, tokens=None, token_mask=None, truncation=1.0, w_mean=None):
-        w = self.mapping(z, cond)
+        tokens, caption = self.read(tokens, token_mask)
+        w = self.mapping(z, cond, caption)
         if w_mean is not None:
             w = w_mean + truncation * (w - w_mean)
         return self.synthesis(w, rng, tokens, token_mask)

@@ -184,15 +184,16 @@ def generator_from_model(source: str, expected) -> dict:
 
 
 # What the names of the layers a fine-tune may add hold (`models/gan.py`).
-ADDED_LAYERS = ("_xattn", "text_reader")
+ADDED_LAYERS = ("_xattn", "text_reader", "embed_caption")
 
 
 def with_added_layers(initial, fresh) -> dict:
     """The generator `initial` (a finished one's parameters) under this config, whose tree
     `fresh` may hold layers that `initial` lacks (a refine stage that adds cross-attention to
     the caption: `config.REFINE_MAY_ADD`). Those start fresh, every cross-attention's output
-    projection at zero, so the layer adds nothing yet and the fine-tune starts from the
-    initial generator's pictures; every other weight must be in `initial` with its shape."""
+    projection and the mapping network's `embed_caption` at zero, so they add nothing yet and
+    the fine-tune starts from the initial generator's pictures; every other weight must be in
+    `initial` with its shape."""
     flat = lambda tree: {jax.tree_util.keystr(k): v
                          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     have, want = flat(initial), flat(fresh)
@@ -209,7 +210,7 @@ def with_added_layers(initial, fresh) -> dict:
         key = jax.tree_util.keystr(path)
         if key in have:
             return jnp.asarray(have[key])
-        if "_xattn" in key and "['out']" in key:
+        if ("_xattn" in key and "['out']" in key) or "embed_caption" in key:
             return jnp.zeros_like(leaf)
         return leaf
 
@@ -312,7 +313,8 @@ class GANTask:
         # others keep the values earlier runs drew.
         k_z, k_noise, _, k_aug_f, k_aug_r, _ = jax.random.split(rng, 6)
         cond, token_features, mask = self.conditions(frozen["clip"], real, tokens)
-        if self.gan_config.cross_attention_res and self.gan_config.text_drop_prob:
+        reads_caption = self.gan_config.cross_attention_res or self.gan_config.caption_to_w
+        if reads_caption and self.gan_config.text_drop_prob:
             # Folded in, not split off, so that runs without caption dropout keep their keys.
             drop = jax.random.bernoulli(jax.random.fold_in(rng, 7),
                                         self.gan_config.text_drop_prob, (b,))
