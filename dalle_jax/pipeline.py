@@ -180,6 +180,13 @@ class GANGenerator:
         return flow_prior.sample(self.prior, p["prior"], text_embed, features, mask, keys,
                                  temperature=options["prior_temperature"])
 
+    def caption_features(self, p, tokens, features):
+        """What the decoder's caption layers read: the CLIP's final token `features`, or its
+        token embeddings where the generator has a text reader (as in training)."""
+        if self.gan_config.text_reader_layers:
+            return clip_lib.token_embeddings(p["clip"], tokens)
+        return features
+
     def decode(self, p, embed, features, mask, keys, options):
         """Pictures in [-1, 1] for image vectors [B, E]; per-picture z and noise from `keys`.
 
@@ -236,6 +243,9 @@ class UnCLIPGenerator:
         return self._unclip.sample_prior(self.prior, p["prior"], text_embed, features, mask,
                                          keys, options["prior_steps"],
                                          options["prior_guidance_scale"])
+
+    def caption_features(self, p, tokens, features):
+        return features
 
     def decode(self, p, embed, features, mask, keys, options):
         return self._unclip.sample_decoder(self.decoder, p["decoder"], embed, features, mask,
@@ -483,6 +493,7 @@ class Pipeline:
                     embed = gen.sample_prior(p, text_embed, features, mask, prior_keys, options)
                 else:
                     embed = text_embed
+                features = gen.caption_features(p, tokens, features)
                 return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options))
         self._compiled[cache_key] = jax.jit(fn)
         return self._compiled[cache_key]

@@ -567,6 +567,11 @@ def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_pa
     generator = task.init_params(jax.random.PRNGKey(0))["generator"]
     assert "b8_xattn" in generator["synthesis"] and "text_reader" in generator
     assert "embed_caption" in generator["mapping"]
+    # The reader reads the CLIP's token embeddings (the words), not its final features.
+    tokens = pipe.tokenize(PROMPTS)
+    _, features, _ = task.conditions(params["clip"], np.zeros((3, 16, 16, 3), np.float32), tokens)
+    table = np.asarray(params["clip"]["text"]["token_embedding"]["embedding"])
+    np.testing.assert_array_equal(features, table[tokens])
     assert "b8_xattn" not in params["generator"]["synthesis"]
     path = str(tmp_path / "grown.npz")
     stages.export(path, config, params["clip"], params["prior"], generator)

@@ -316,6 +316,14 @@ class ConvTower(nn.Module):
         return embed, x
 
 
+def token_embeddings(params, tokens):
+    """The text tower's input rows for token ids [B, L] -> [B, L, text_width]: what each word
+    is before the causal Transformer mixes it with the words before it. (A CLIP trained on
+    shapes maps "above" and "below" to final token features 0.997 alike: the contrastive loss
+    never needed the relation; benchmarks/RESULTS.md, session 31.)"""
+    return jnp.take(params["text"]["token_embedding"]["embedding"], tokens, axis=0)
+
+
 def l2_normalize(x, eps=1e-6):
     x = x.astype(jnp.float32)
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)

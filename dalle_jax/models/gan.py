@@ -55,11 +55,12 @@ class GANConfig:
     # does not see, so that the decoder also draws from an image vector alone (variations,
     # interpolation, edits).
     text_drop_prob: float = 0.0
-    # Pre-LN Transformer blocks, trained with the generator, that read the caption's token
-    # features again, in both directions, before the cross-attention sees them (0: none, the
-    # frozen CLIP's causal features as they are). DALL-E 2's decoder has a text encoder of its
-    # own (GLIDE's; Ramesh et al. 2022, Nichol et al. 2022): the frozen CLIP's first object's
-    # words come before the relation word, so they cannot say where that object goes.
+    # Pre-LN Transformer blocks, trained with the generator, that read the caption in both
+    # directions for the cross-attention (and caption_to_w); 0: none, the layers read the
+    # frozen CLIP's final token features. With a reader the generator is given the CLIP's
+    # token embeddings instead (`clip.token_embeddings`, the words before its Transformer):
+    # DALL-E 2's decoder has a text encoder of its own (GLIDE's; Ramesh et al. 2022, Nichol et
+    # al. 2022), and the shapes CLIP's final features hardly tell "above" from "below".
     text_reader_layers: int = 0
     # Add the mean of the (read) caption's token features to the condition the mapping network
     # embeds, so that w itself says what the caption says beyond the CLIP vector (which colour

@@ -274,13 +274,16 @@ class GANTask:
         return images_lib.box_downsample(images, self.clip_size)
 
     def conditions(self, clip_params, images, tokens):
-        """(condition vector, token features, token mask) from the frozen CLIP."""
+        """(condition vector, token features, token mask) from the frozen CLIP; the token
+        features are its token embeddings where the generator has a text reader."""
         apply = lambda x, method: self.clip_model.apply({"params": clip_params}, x, method=method)
         text_embed, token_features = apply(tokens, self.clip_model.encode_text)
         if self.config.model.condition == "text":
             cond = text_embed
         else:
             cond = apply(self.to_clip(images), self.clip_model.encode_image)[0]
+        if self.gan_config.text_reader_layers:  # the reader reads the words themselves
+            token_features = clip_lib.token_embeddings(clip_params, tokens)
         stop = jax.lax.stop_gradient
         return stop(cond), stop(token_features), tokens != 0
 
