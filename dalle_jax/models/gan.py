@@ -62,9 +62,12 @@ class GANConfig:
     # DALL-E 2's decoder has a text encoder of its own (GLIDE's; Ramesh et al. 2022, Nichol et
     # al. 2022), and the shapes CLIP's final features hardly tell "above" from "below".
     text_reader_layers: int = 0
-    # Add the mean of the (read) caption's token features to the condition the mapping network
-    # embeds, so that w itself says what the caption says beyond the CLIP vector (which colour
-    # goes where: one bit that the 4x4 input map from w can place, as it places one object).
+    # Add a projection of the (read) caption's token features, flattened so that each place in
+    # the caption has weights of its own, to the condition the mapping network embeds, so that
+    # w itself can say what the caption says beyond the CLIP vector (which colour goes where:
+    # one bit that the 4x4 input map from w could place, as it places one object). The mean
+    # over tokens instead learned the words but not their order (benchmarks/RESULTS.md,
+    # session 31).
     caption_to_w: bool = False
     # Add a projection of w to the 4x4 input (as a DCGAN/BigGAN generator starts), so that
     # where things go depends on the condition from the first layer, not only on which
@@ -312,15 +315,13 @@ class MappingNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, z, cond, caption=None):
-        """`caption` [B, T]: the caption vector of `Generator.read` (with `caption_to_w`;
-        zeros or None where there is no caption)."""
+        """`caption` [B, L * T]: the caption of `Generator.read` (with `caption_to_w`; zeros
+        or None where there is no caption)."""
         c = self.config
         cond = cond / jnp.linalg.norm(cond, axis=-1, keepdims=True).clip(1e-6)
         embed = EqualizedDense(c.w_dim, name="embed_cond")(cond)
-        if c.caption_to_w:
-            if caption is None:
-                caption = jnp.zeros((cond.shape[0], c.token_dim), cond.dtype)
-            # No bias: a row without a caption adds nothing.
+        if c.caption_to_w and caption is not None:
+            # No bias: a row without a caption (all zeros) adds nothing, as does no caption.
             embed = embed + EqualizedDense(c.w_dim, use_bias=False, name="embed_caption")(caption)
         x = jnp.concatenate([normalize_2nd_moment(z), normalize_2nd_moment(embed)], axis=-1)
         for i in range(c.mapping_layers):
@@ -525,8 +526,8 @@ class Generator(nn.Module):
 
     def read(self, tokens, token_mask):
         """The caption's token features [B, L, T] as the cross-attention reads them (through
-        the reader where the config has one) and the caption vector [B, T] for the mapping
-        network (their mean over the mask's tokens; zeros for a row without any), or None."""
+        the reader where the config has one) and, with `caption_to_w`, the caption [B, L * T]
+        for the mapping network (the features outside the mask zeroed), else None."""
         if tokens is None:
             return None, None
         if hasattr(self, "text_reader"):
@@ -534,7 +535,7 @@ class Generator(nn.Module):
         caption = None
         if self.config.caption_to_w:
             m = token_mask[..., None].astype(tokens.dtype)
-            caption = jnp.sum(tokens * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+            caption = (tokens * m).reshape(tokens.shape[0], -1)
         return tokens, caption
 
     def __call__(self, z, cond, rng, tokens=None, token_mask=None, truncation=1.0, w_mean=None):
