@@ -164,10 +164,12 @@ def test_config_schema_accepts_the_shipped_configs_and_ints_for_floats(tmp_path)
         config_lib.load(GAN_CONFIG, ["refine.model.w_dim=32"])
     # It may add layers that read the caption (they start as the identity), nothing else.
     config = config_lib.load(GAN_CONFIG, ["refine.model.cross_attention_res=(8,)",
-                                          "refine.model.text_reader_layers=2"])
+                                          "refine.model.text_reader_layers=2",
+                                          "refine.model.caption_to_w=True"])
     refine = config_lib.stage_config(config, "refine")
     assert (tuple(refine.model.cross_attention_res), refine.model.text_reader_layers,
-            tuple(config.decoder.model.cross_attention_res)) == ((8,), 2, ())
+            refine.model.caption_to_w, tuple(config.decoder.model.cross_attention_res)) == (
+                (8,), 2, True, ())
     with pytest.raises(config_lib.ConfigError, match="refine.init_from cannot be set"):
         config_lib.load(GAN_CONFIG, ["refine.init_from=shipped:gan"])
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'refine.optim.lrr'"):

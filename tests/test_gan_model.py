@@ -175,8 +175,8 @@ def test_upsample_conv2d_equals_conv_of_the_upsampled_map(side, cin, cout):
 
 def test_text_reader_reads_both_ways_and_not_past_the_mask():
     """The reader's first token sees a later one (the frozen CLIP's causal features cannot),
-    a token outside the mask changes nothing, and the generator's cross-attention reads the
-    reader's features (its parameters are in the tree and change the picture)."""
+    a token outside the mask changes nothing, and the generator's caption layers read what
+    the reader makes of the caption."""
     reader = gan.TextReader(num_layers=2)
     k = jax.random.PRNGKey(0)
     tokens = jax.random.normal(k, (2, 6, 16))

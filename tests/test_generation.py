@@ -553,9 +553,10 @@ def test_refine_fine_tunes_an_imported_decoders_generator(tmp_path, model_file):
 
 def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_path, model_file,
                                                                            pipe):
-    """The refine stage's generator under a model with cross-attention and a text reader that
-    the decoder lacks: the new layers start fresh, each attention's output projection at zero,
-    so the model file draws what the decoder's did; `Pipeline.load` builds the refine stage's
+    """The refine stage's generator under a model with cross-attention, a text reader and
+    caption_to_w that the decoder lacks: the new layers start fresh, each attention's output
+    projection and `embed_caption` at zero, so the model file draws what the decoder's did;
+    the reader is given the CLIP's token embeddings; `Pipeline.load` builds the refine stage's
     model; a generator missing any other weight is refused."""
     from dalle_jax.train.gan import with_added_layers
     config = small_config("refine.model.cross_attention_res=(8,)",
@@ -567,12 +568,12 @@ def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_pa
     generator = task.init_params(jax.random.PRNGKey(0))["generator"]
     assert "b8_xattn" in generator["synthesis"] and "text_reader" in generator
     assert "embed_caption" in generator["mapping"]
+    assert "b8_xattn" not in params["generator"]["synthesis"]
     # The reader reads the CLIP's token embeddings (the words), not its final features.
     tokens = pipe.tokenize(PROMPTS)
     _, features, _ = task.conditions(params["clip"], np.zeros((3, 16, 16, 3), np.float32), tokens)
     table = np.asarray(params["clip"]["text"]["token_embedding"]["embedding"])
     np.testing.assert_array_equal(features, table[tokens])
-    assert "b8_xattn" not in params["generator"]["synthesis"]
     path = str(tmp_path / "grown.npz")
     stages.export(path, config, params["clip"], params["prior"], generator)
     before = pipe.generate(PROMPTS, num_per_prompt=2, seed=5)
