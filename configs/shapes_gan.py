@@ -157,6 +157,13 @@ def get_config():
     # star:20" alone 75.9 / 74.3% (stars do not learn from exposure here, diamonds do; sessions
     # 23 and 26); oversampling "small star:3,small diamond:3" over the whole run, 69.7 / 72.2%
     # against 70.0 / 72.8% (session 23).
+    # refine.model.text_reader_layers, caption_to_w and cross_attention_res add layers that
+    # read the caption (started as the identity), as DALL-E 2's decoder has a text encoder of
+    # its own; with "two objects:3" or ":5" oversampled, 800-1,700 steps of them left
+    # two-object prompts where they were (decoder alone 0.9-4.5%, the pipeline 0.3% after
+    # 1,200 steps with the flattened caption into w) and the decoder all but deaf to the
+    # order of the words: it does not yet commit to where two objects go, drawing two or three
+    # blobs along the right row or column (benchmarks/RESULTS.md, session 31).
     # Its block holds what differs from the decoder's; every other field is the decoder's
     # (overrides of decoder.* reach it too), but where the parameters come from.
     c.refine = dict(total_steps=2400, optim=dict(lr=3e-3),
