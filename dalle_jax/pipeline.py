@@ -183,7 +183,7 @@ class GANGenerator:
     def caption_features(self, p, tokens, features):
         """What the decoder's caption layers read: the CLIP's final token `features`, or its
         token embeddings where the generator has a text reader (as in training)."""
-        if self.gan_config.text_reader_layers:
+        if self.gan_config.has_text_reader:
             return clip_lib.token_embeddings(p["clip"], tokens)
         return features
 

@@ -109,6 +109,17 @@ class GANConfig:
                              f"least 4 that divides the resolution {self.resolution} (or 0)")
 
     @property
+    def reads_caption(self) -> bool:
+        """Whether any layer reads the caption (cross-attention or caption_to_w)."""
+        return bool(self.cross_attention_res or self.caption_to_w)
+
+    @property
+    def has_text_reader(self) -> bool:
+        """Whether the caption layers read it through a TextReader (then the generator is
+        given the CLIP's token embeddings, not its final features)."""
+        return bool(self.text_reader_layers and self.reads_caption)
+
+    @property
     def disc_resolution(self) -> int:
         """The side of the pictures the discriminator reads."""
         return self.d_resolution or self.resolution
@@ -521,7 +532,7 @@ class Generator(nn.Module):
         self.mapping = MappingNetwork(c, self.dtype)
         synthesis = ConvSynthesisNetwork if c.synthesis == "conv" else SynthesisNetwork
         self.synthesis = synthesis(c, self.dtype)
-        if c.text_reader_layers and (c.cross_attention_res or c.caption_to_w):
+        if c.has_text_reader:
             self.text_reader = TextReader(c.text_reader_layers, dtype=self.dtype)
 
     def read(self, tokens, token_mask):

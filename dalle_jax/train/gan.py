@@ -159,6 +159,11 @@ def clip_contrastive_loss(similarity, logit_scale):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def leaves_by_path(tree) -> dict:
+    """{"['a']['b']": leaf} for every leaf of a parameter tree."""
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def generator_from_model(source: str, expected) -> dict:
     """The generator weights of a pipeline model file (`shipped:gan`: the package's), to start
     a run from; `expected` is the generator's abstract parameter tree under this config, which
@@ -170,10 +175,8 @@ def generator_from_model(source: str, expected) -> dict:
     if meta["configs"].get("generator") != "gan" or "generator" not in params:
         raise bundle.BundleError(f"decoder.init_from={source}: {path} holds a "
                                  f"{meta['configs'].get('generator')} model, not a GAN generator")
-    have = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_flatten_with_path(params["generator"])[0]}
-    want = {jax.tree_util.keystr(k): v.shape
-            for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {k: v.shape for k, v in leaves_by_path(params["generator"]).items()}
+    want = {k: v.shape for k, v in leaves_by_path(expected).items()}
     for key in sorted(set(have) | set(want)):
         if have.get(key) != want.get(key):
             raise bundle.BundleError(
@@ -194,9 +197,7 @@ def with_added_layers(initial, fresh) -> dict:
     projection and the mapping network's `embed_caption` at zero, so they add nothing yet and
     the fine-tune starts from the initial generator's pictures; every other weight must be in
     `initial` with its shape."""
-    flat = lambda tree: {jax.tree_util.keystr(k): v
-                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    have, want = flat(initial), flat(fresh)
+    have, want = leaves_by_path(initial), leaves_by_path(fresh)
     for key in sorted(set(have) | set(want)):
         if key in have and (key not in want or have[key].shape != want[key].shape):
             raise ValueError(f"the initial generator does not fit this config (parameter "
@@ -282,7 +283,7 @@ class GANTask:
             cond = text_embed
         else:
             cond = apply(self.to_clip(images), self.clip_model.encode_image)[0]
-        if self.gan_config.text_reader_layers:  # the reader reads the words themselves
+        if self.gan_config.has_text_reader:  # the reader reads the words themselves
             token_features = clip_lib.token_embeddings(clip_params, tokens)
         stop = jax.lax.stop_gradient
         return stop(cond), stop(token_features), tokens != 0
@@ -316,8 +317,7 @@ class GANTask:
         # others keep the values earlier runs drew.
         k_z, k_noise, _, k_aug_f, k_aug_r, _ = jax.random.split(rng, 6)
         cond, token_features, mask = self.conditions(frozen["clip"], real, tokens)
-        reads_caption = self.gan_config.cross_attention_res or self.gan_config.caption_to_w
-        if reads_caption and self.gan_config.text_drop_prob:
+        if self.gan_config.reads_caption and self.gan_config.text_drop_prob:
             # Folded in, not split off, so that runs without caption dropout keep their keys.
             drop = jax.random.bernoulli(jax.random.fold_in(rng, 7),
                                         self.gan_config.text_drop_prob, (b,))
