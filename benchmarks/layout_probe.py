@@ -25,6 +25,8 @@ import numpy as np
 import optax
 
 from dalle_jax.data import shapes
+from dalle_jax.data.pipeline import to_float_images
+from dalle_jax.images import box_downsample
 
 RES = 8                 # layout side, pixels
 WORDS = 16              # caption tokens
@@ -41,11 +43,9 @@ START = len(PALETTE)    # the token before the first pixel
 
 def layouts(images):
     """uint8 [N, S, S, 3] -> palette indices [N, RES * RES] of the box-averaged thumbnails."""
-    x = images.astype(np.float32) / 127.5 - 1
-    f = x.shape[1] // RES
-    thumbs = x.reshape(x.shape[0], RES, f, RES, f, 3).mean((2, 4))
+    thumbs = box_downsample(to_float_images(images), RES)
     return np.argmin(np.linalg.norm(thumbs[..., None, :] - PALETTE, axis=-1), -1).reshape(
-        x.shape[0], -1)
+        len(images), -1)
 
 
 def rgb(layout):
