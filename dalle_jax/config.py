@@ -139,7 +139,8 @@ SCHEMAS: dict[str, dict] = {
                       "input_res": _opt(int, minimum=1),
                       "synthesis": _opt(str, choices=("style", "conv")),
                       "norm_groups": _opt(int, minimum=1),
-                      "d_resolution": _opt(int, minimum=0)},
+                      "d_resolution": _opt(int, minimum=0), "layout": _opt(bool),
+                      "layout_drop_prob": _opt(float, minimum=0)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "clip_contrastive_weight": _opt(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
@@ -154,6 +155,13 @@ SCHEMAS: dict[str, dict] = {
                      "reconstruction_edge": _opt(float, minimum=0),
                      "adversarial_weight": _opt(float, minimum=0),
                      "perceptual_weight": _opt(float, minimum=0)}},
+    # dalle_jax/train/layout.py (import_from: a pipeline model file whose layout model is used
+    # as it is)
+    "layout": {**_TRAINING, "import_from": _opt(str),
+               "model": {"width": Field(int, minimum=1), "layers": Field(int, minimum=1),
+                         "num_heads": Field(int, minimum=1)},
+               "eval": {"num_examples": Field(int, minimum=1), "use_ema": Field(bool),
+                        "temperature": _opt(float, minimum=0)}},
     # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and
     # models/unet.py UNetConfig; the sizes CLIP fixes are filled in)
     "diffusion_prior": {**_TRAINING, "import_from": _opt(str), "eval": _DIFFUSION_EVAL,
@@ -169,6 +177,7 @@ SCHEMAS: dict[str, dict] = {
     # dalle_jax/train/stages.py: CLIP, then the prior and the decoder on the frozen CLIP.
     "pipeline": {"family": Field(str), "export_dtype": _opt(str, choices=("float32", "bfloat16")),
                  "clip": Stage(("clip",)), "prior": Stage(("prior", "diffusion_prior")),
+                 "layout": Stage(("layout",), required=False),
                  "decoder": Stage(("gan", "diffusion_decoder")),
                  "refine": Stage(("gan",), required=False, based_on="decoder")},
 }
@@ -341,7 +350,24 @@ def validate(config: ml_collections.ConfigDict, where: str = "") -> ml_collectio
     _check_block(config, SCHEMAS[family], "", where)
     if family == "pipeline" and "refine" in config:
         _check_refine(config, where)
+    if family == "pipeline":
+        _check_layout(config, where)
     return config
+
+
+def _check_layout(config, where: str):
+    """A GAN decoder that reads layouts (`model.layout`) needs the `layout` stage that draws
+    them for prompts, and that stage is of use only to such a decoder."""
+    last = "refine" if "refine" in config else "decoder"
+    reads = (config.decoder.family == "gan"
+             and bool(stage_config(config, last).model.get("layout", False)))
+    if reads and "layout" not in config:
+        raise ConfigError(f"{where}{last}.model.layout=True needs a layout stage (a `layout` "
+                          "block: configs/shapes_gan.py layout_stage()) to draw the prompts' "
+                          "layouts")
+    if "layout" in config and not reads:
+        raise ConfigError(f"{where}the layout stage's layouts would be read by no decoder: set "
+                          f"{last}.model.layout=True, or drop the layout block")
 
 
 def _merged(config, name: str, spec: Stage) -> ml_collections.ConfigDict:
@@ -370,10 +396,11 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
 
 
 # Model fields the refine stage may set apart from the decoder's: they add layers that read
-# the caption (new, started as the identity: `train.gan.GANTask.init_params`) or say how
-# often the caption is hidden from them; every other weight is the decoder's.
+# the caption or its layout (new, started as the identity: `train.gan.GANTask.init_params`)
+# or say how often those are hidden from them; every other weight is the decoder's.
 REFINE_MAY_ADD = ("model.cross_attention_res", "model.text_reader_layers",
-                  "model.caption_to_w", "model.text_drop_prob")
+                  "model.caption_to_w", "model.text_drop_prob", "model.layout",
+                  "model.layout_drop_prob")
 
 
 def _check_refine(config, where: str):

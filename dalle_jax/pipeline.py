@@ -38,6 +38,7 @@ from dalle_jax.data import pipeline as data_pipeline
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import flow_prior
 from dalle_jax.models import gan as gan_lib
+from dalle_jax.models import layout as layout_lib
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
 
@@ -56,10 +57,11 @@ from dalle_jax.train import clip as clip_family
 # GAN model's 1,000 eval captions one-object prompts came out right 76.9 / 79.4% of the time (seen
 # / held-out pairs) so, 75.6 / 78.1% at 25 steps and two candidates (71.0 / 71.2% at 5 steps
 # and two), and the pipeline drew about 5x the pictures per second (benchmarks/RESULTS.md,
-# session 26).
+# session 26). A model with a layout stage also takes `layout_temperature` (0: each cell's
+# likeliest class).
 OPTIONS = {
     "gan": {"truncation": 1.0, "prior_temperature": 0.5, "prior_steps": 10,
-            "prior_guidance_scale": 1.0},
+            "prior_guidance_scale": 1.0, "layout_temperature": 1.0},
     "unclip": {"steps": 50, "guidance_scale": 3.0, "eta": 1.0, "prior_steps": 25,
                "prior_guidance_scale": 1.0},
 }
@@ -162,10 +164,20 @@ class GANGenerator:
                                               clip_config.text_width)
         self.condition = g.get("condition", "image")
         self.generator = gan_lib.Generator(self.gan_config)
+        # The layout stage (`models/layout.py`): where the decoder reads a layout, the prompt's
+        # is sampled by the file's layout model.
+        self.layout_model = None
+        if self.gan_config.layout_classes:
+            if "layout" not in configs:
+                raise bundle.BundleError("the model's decoder reads a layout, but the file "
+                                         "holds no layout model")
+            from dalle_jax.train import layout as layout_family
+            self.layout_model = layout_family.build_model(configs["layout"], clip_config)
+            self.option_names += ("layout_temperature",)
 
     @staticmethod
     def check(options: dict):
-        for key in ("truncation", "prior_temperature"):
+        for key in ("truncation", "prior_temperature", "layout_temperature"):
             if key in options and not 0.0 <= options[key] <= 2.0:
                 raise ValueError(f"{key} must be between 0 and 2, not {options[key]}")
         _check_diffusion_prior(options)
@@ -180,6 +192,16 @@ class GANGenerator:
         return flow_prior.sample(self.prior, p["prior"], text_embed, features, mask, keys,
                                  temperature=options["prior_temperature"])
 
+    def sample_layout(self, p, tokens, keys, options):
+        """The prompts' layouts [B, cells] where the decoder reads one (temperature 0: each
+        cell's likeliest class), else None."""
+        if self.layout_model is None:
+            return None
+        from dalle_jax.train import layout as layout_family
+        words, mask = layout_family.words_of(p["clip"], tokens)
+        return layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
+                                 options["layout_temperature"])
+
     def caption_features(self, p, tokens, features):
         """What the decoder's caption layers read: the CLIP's final token `features`, or its
         token embeddings where the generator has a text reader (as in training)."""
@@ -187,8 +209,10 @@ class GANGenerator:
             return clip_lib.token_embeddings(p["clip"], tokens)
         return features
 
-    def decode(self, p, embed, features, mask, keys, options):
-        """Pictures in [-1, 1] for image vectors [B, E]; per-picture z and noise from `keys`.
+    def decode(self, p, embed, features, mask, keys, options, layout=None):
+        """Pictures in [-1, 1] for image vectors [B, E]; per-picture z and noise from `keys`;
+        a decoder that reads layouts reads `layout` [B, cells] (None: none, as for a decode
+        from an image vector alone).
 
         Truncation pulls w toward the condition's own mean style (the conditional truncation
         of StyleGAN-T), estimated from a fixed set of z draws. A decoder with cross-attention
@@ -201,7 +225,10 @@ class GANGenerator:
         z_fixed = jax.random.normal(jax.random.PRNGKey(0), (TRUNCATION_SAMPLES, g.config.z_dim))
         psi = options["truncation"]
 
-        def one(key, c, f, m):
+        if layout is None:
+            layout = jnp.full((embed.shape[0], g.config.layout_res ** 2), -1, jnp.int32)
+
+        def one(key, c, f, m, lay):
             kz, kn = jax.random.split(key)
             f, t = g.apply(gp, f[None], m[None], method=lambda mod, f, m: mod.read(f, m))
             w = mapping(jax.random.normal(kz, (1, g.config.z_dim)), c[None], t)
@@ -209,10 +236,10 @@ class GANGenerator:
                 repeat = lambda x: None if x is None else jnp.repeat(x, TRUNCATION_SAMPLES, 0)
                 w_mean = mapping(z_fixed, repeat(c[None]), repeat(t)).mean(0)
                 w = w_mean + psi * (w - w_mean)
-            return g.apply(gp, w, kn, f, m[None],
-                           method=lambda mod, w, k, f, m: mod.synthesis(w, k, f, m))[0]
+            return g.apply(gp, w, kn, f, m[None], lay[None],
+                           method=lambda mod, w, k, f, m, lay: mod.synthesis(w, k, f, m, lay))[0]
 
-        return jax.vmap(one)(keys, embed, features, mask)
+        return jax.vmap(one)(keys, embed, features, mask, layout)
 
 
 class UnCLIPGenerator:
@@ -247,7 +274,10 @@ class UnCLIPGenerator:
     def caption_features(self, p, tokens, features):
         return features
 
-    def decode(self, p, embed, features, mask, keys, options):
+    def sample_layout(self, p, tokens, keys, options):
+        return None
+
+    def decode(self, p, embed, features, mask, keys, options, layout=None):
         return self._unclip.sample_decoder(self.decoder, p["decoder"], embed, features, mask,
                                            keys, options["steps"], options["guidance_scale"],
                                            options["eta"])
@@ -494,7 +524,12 @@ class Pipeline:
                 else:
                     embed = text_embed
                 features = gen.caption_features(p, tokens, features)
-                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options))
+                # Keyed apart from the prior and the decoder (fold_in, not a third split, so
+                # that their keys stay those of models without a layout stage).
+                layout = gen.sample_layout(p, tokens, jax.vmap(
+                    lambda k: jax.random.fold_in(k, 3))(keys), options)
+                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options,
+                                            layout))
         self._compiled[cache_key] = jax.jit(fn)
         return self._compiled[cache_key]
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.models import layers
+from dalle_jax.models import layout as layout_lib
 
 SQRT2 = float(np.sqrt(2.0))
 
@@ -91,12 +92,28 @@ class GANConfig:
     # are box-downsampled to it (a 64 px generator judged at 32 px: its finest level then
     # learns from the reconstruction terms alone, at about 0.8x the step time).
     d_resolution: int = 0
+    # Layout classes (`models/layout.py`; 0: no layout input). With them the synthesis network
+    # also reads a layout [B, layout_res ** 2] of cell classes (a row of -1: none): its one-hot
+    # map, resized to each level, through a 1x1 convolution added to the features, so the
+    # caption's placement and its colour-shape pairs reach the pixels where the image vector
+    # leaves them open (two objects). `layout_drop_prob` of training rows get none, so that the
+    # decoder also draws from an image vector alone (variations, interpolation, edits).
+    layout_classes: int = 0
+    layout_res: int = 8
+    layout_drop_prob: float = 0.0
 
     def __post_init__(self):
         if self.synthesis not in ("style", "conv"):
             raise ValueError(f"synthesis must be style or conv, got {self.synthesis!r}")
         if self.upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be nearest or bilinear, got {self.upsample!r}")
+        if not 0.0 <= self.layout_drop_prob <= 1.0:
+            raise ValueError(f"layout_drop_prob must be between 0 and 1, got "
+                             f"{self.layout_drop_prob}")
+        if self.layout_classes and (self.layout_res < 1 or self.layout_res & (self.layout_res - 1)
+                                    or self.resolution % self.layout_res):
+            raise ValueError(f"layout_res {self.layout_res} must be a power of 2 that divides "
+                             f"the resolution {self.resolution}")
         if not 0.0 <= self.text_drop_prob <= 1.0:
             raise ValueError(f"text_drop_prob must be between 0 and 1, got {self.text_drop_prob}")
         ratio = self.resolution // self.input_res if self.input_res >= 1 else 0
@@ -151,7 +168,10 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         input_res=model.get("input_res", GANConfig.input_res),
         norm_groups=model.get("norm_groups", GANConfig.norm_groups),
         synthesis=model.get("synthesis", GANConfig.synthesis),
-        d_resolution=model.get("d_resolution", GANConfig.d_resolution))
+        d_resolution=model.get("d_resolution", GANConfig.d_resolution),
+        layout_classes=layout_lib.NUM_CLASSES if model.get("layout", False) else 0,
+        layout_res=layout_lib.RES,
+        layout_drop_prob=model.get("layout_drop_prob", 0.0))
 
 
 def _conv(x, w):
@@ -421,6 +441,37 @@ class TextReader(nn.Module):
         return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
 
 
+def layout_maps(layout, config: GANConfig):
+    """int [B, layout_res ** 2] (-1 rows: none) -> {side: one-hot map [B, side, side, K]} for
+    each synthesis level's side (repeated up, averaged down), or None without a layout."""
+    if layout is None or not config.layout_classes:
+        return None
+    r = config.layout_res
+    x = jax.nn.one_hot(layout, config.layout_classes).reshape(layout.shape[0], r, r, -1)
+    maps = {}
+    for i in range(config.synthesis_levels()):
+        side = config.input_res * 2 ** i
+        if side >= r:
+            f = side // r
+            maps[side] = jnp.repeat(jnp.repeat(x, f, axis=1), f, axis=2)
+        else:
+            f = r // side
+            maps[side] = x.reshape(x.shape[0], side, f, side, f, -1).mean((2, 4))
+    return maps
+
+
+class LayoutInput(nn.Module):
+    """A 1x1 convolution of a level's layout map, added to its features; no bias, so a row
+    with no layout (zeros) adds nothing (a fine-tune that adds it starts it at zero)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layout_map):
+        return x + EqualizedConv(x.shape[-1], kernel=1, use_bias=False, dtype=self.dtype,
+                                 name="conv")(layout_map).astype(x.dtype)
+
+
 class SynthesisLayer(nn.Module):
     features: int
     noise: bool = True
@@ -446,11 +497,12 @@ class SynthesisNetwork(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, w, rng, tokens=None, token_mask=None):
+    def __call__(self, w, rng, tokens=None, token_mask=None, layout=None):
         c = self.config
         r0 = c.input_res
         levels = c.synthesis_levels()
         b = w.shape[0]
+        maps = layout_maps(layout, c)
         const = self.param("const", nn.initializers.normal(1.0), (r0, r0, c.channels[0]))
         x = jnp.broadcast_to(const.astype(self.dtype), (b, r0, r0, c.channels[0]))
         if c.input_from_w:
@@ -465,6 +517,8 @@ class SynthesisNetwork(nn.Module):
                 nearest = c.upsample == "nearest"
                 x = SynthesisLayer(ch, c.noise, self.dtype, upsample=nearest,
                                    name=f"b{res}_conv0")(x if nearest else up(x), w, keys[2 * i])
+            if maps is not None:
+                x = LayoutInput(self.dtype, name=f"b{res}_layout")(x, maps[res])
             if res in c.cross_attention_res and tokens is not None:
                 x = CrossAttention(dtype=self.dtype, name=f"b{res}_xattn")(x, tokens, token_mask)
             x = SynthesisLayer(ch, c.noise, self.dtype, name=f"b{res}_conv1")(x, w, keys[2 * i + 1])
@@ -500,12 +554,13 @@ class ConvSynthesisNetwork(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, w, rng, tokens=None, token_mask=None):
+    def __call__(self, w, rng, tokens=None, token_mask=None, layout=None):
         del rng  # no per-pixel noise: z in w is the only source of variety
         c = self.config
         r0 = c.input_res
         levels = c.synthesis_levels()
         b = w.shape[0]
+        maps = layout_maps(layout, c)
         x = EqualizedDense(r0 * r0 * c.channels[0], name="input_from_w")(w)
         x = x.reshape(b, r0, r0, c.channels[0]).astype(self.dtype)
         up = upsample2x_smooth if c.upsample == "bilinear" else upsample2x
@@ -513,6 +568,8 @@ class ConvSynthesisNetwork(nn.Module):
             res, ch = r0 * 2 ** i, c.channels[i]
             if i > 0:
                 x = up(x)
+            if maps is not None:
+                x = LayoutInput(self.dtype, name=f"b{res}_layout")(x, maps[res])
             for j in range(2):
                 x = ConditionalNormConv(ch, c.norm_groups, self.dtype,
                                         name=f"b{res}_conv{j}")(x, w)
@@ -549,12 +606,15 @@ class Generator(nn.Module):
             caption = (tokens * m).reshape(tokens.shape[0], -1)
         return tokens, caption
 
-    def __call__(self, z, cond, rng, tokens=None, token_mask=None, truncation=1.0, w_mean=None):
+    def __call__(self, z, cond, rng, tokens=None, token_mask=None, truncation=1.0, w_mean=None,
+                 layout=None):
+        """`layout` int [B, layout_res ** 2] (`models/layout.py`; rows of -1: none), read where
+        the config has `layout_classes`."""
         tokens, caption = self.read(tokens, token_mask)
         w = self.mapping(z, cond, caption)
         if w_mean is not None:
             w = w_mean + truncation * (w - w_mean)
-        return self.synthesis(w, rng, tokens, token_mask)
+        return self.synthesis(w, rng, tokens, token_mask, layout)
 
 
 class DiscriminatorBlock(nn.Module):

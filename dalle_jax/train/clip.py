@@ -51,12 +51,6 @@ class PixelHead(nn.Module):
         return out.reshape(embed.shape[0], self.size, self.size, 3)
 
 
-def box_downsample(images, size: int):
-    """[B, H, W, C] -> [B, size, size, C] by the mean over each (H / size) x (W / size) box."""
-    b, h, w, c = images.shape
-    return images.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
-
-
 def clip_params(params):
     """The CLIP's own parameters of a CLIP run's (the pixel head dropped)."""
     return {k: v for k, v in params.items() if k != PIXEL_HEAD}
@@ -112,7 +106,8 @@ class CLIPTask:
         metrics = {"logit_scale": aux["logit_scale"]}
         if self.pixel_head is not None:
             redrawn = self.pixel_head.apply({"params": params[PIXEL_HEAD]}, image_embed)
-            target = box_downsample(batch["image"].astype(jnp.float32), self.pixel_head.size)
+            target = images_lib.box_downsample(batch["image"].astype(jnp.float32),
+                                               self.pixel_head.size)
             pixel = jnp.mean(jnp.square(redrawn - target))
             metrics = {**metrics, "contrastive_loss": loss, "pixel_loss": pixel}
             loss = loss + self.pixel_weight * pixel

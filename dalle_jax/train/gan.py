@@ -39,6 +39,7 @@ from dalle_jax.data import pipeline
 from dalle_jax.metrics import adherence
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import gan as gan_lib
+from dalle_jax.models import layout as layout_lib
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
 
@@ -187,7 +188,7 @@ def generator_from_model(source: str, expected) -> dict:
 
 
 # What the names of the layers a fine-tune may add hold (`models/gan.py`).
-ADDED_LAYERS = ("_xattn", "text_reader", "embed_caption")
+ADDED_LAYERS = ("_xattn", "text_reader", "embed_caption", "_layout")
 
 
 def with_added_layers(initial, fresh) -> dict:
@@ -195,7 +196,8 @@ def with_added_layers(initial, fresh) -> dict:
     `fresh` may hold layers that `initial` lacks (a refine stage that adds cross-attention to
     the caption: `config.REFINE_MAY_ADD`). Those start fresh, every cross-attention's output
     projection and the mapping network's `embed_caption` at zero, so they add nothing yet and
-    the fine-tune starts from the initial generator's pictures; every other weight must be in
+    the fine-tune starts from the initial generator's pictures (as do the layout inputs,
+    `models/gan.py` LayoutInput); every other weight must be in
     `initial` with its shape."""
     have, want = leaves_by_path(initial), leaves_by_path(fresh)
     for key in sorted(set(have) | set(want)):
@@ -211,7 +213,8 @@ def with_added_layers(initial, fresh) -> dict:
         key = jax.tree_util.keystr(path)
         if key in have:
             return jnp.asarray(have[key])
-        if ("_xattn" in key and "['out']" in key) or "embed_caption" in key:
+        if (("_xattn" in key and "['out']" in key) or "embed_caption" in key
+                or "_layout" in key):
             return jnp.zeros_like(leaf)
         return leaf
 
@@ -236,6 +239,9 @@ class GANTask:
         self.gan_config = gan_lib.config_from(
             config.model, config.data.image_size, self.clip_model.config.embed_dim,
             self.clip_model.config.text_width)
+        if self.gan_config.layout_classes and config.data.name != "shapes":
+            raise ValueError("model.layout reads the layout of captioned shapes (colour and "
+                             f"shape words); data.name is {config.data.name!r}")
         self.generator = gan_lib.Generator(self.gan_config)
         self.discriminator = gan_lib.Discriminator(self.gan_config)
         # (Its values are the config schema's to check; this needs another field too.)
@@ -254,7 +260,8 @@ class GANTask:
         cond = jnp.ones((1, c.cond_dim))
         tokens = jnp.zeros((1, d.context_length, c.token_dim))
         mask = jnp.ones((1, d.context_length), bool)
-        return self.generator.init(rng, z, cond, rng, tokens, mask)["params"]
+        layout = jnp.zeros((1, c.layout_res ** 2), jnp.int32) if c.layout_classes else None
+        return self.generator.init(rng, z, cond, rng, tokens, mask, layout=layout)["params"]
 
     def init_params(self, rng):
         """Fresh players; with `init_from`, the generator is that model file's (fine-tuning),
@@ -287,6 +294,13 @@ class GANTask:
             token_features = clip_lib.token_embeddings(clip_params, tokens)
         stop = jax.lax.stop_gradient
         return stop(cond), stop(token_features), tokens != 0
+
+    def layouts(self, images, tokens):
+        """The real pictures' layouts (`models/layout.py` targets) where the generator reads
+        one, else None."""
+        if not self.gan_config.layout_classes:
+            return None
+        return layout_lib.targets(images, tokens, self.gan_config.layout_res)
 
     def feature_maps(self, clip_params, images):
         """The frozen CLIP image tower's feature maps for a perceptual distance: every
@@ -322,6 +336,11 @@ class GANTask:
             drop = jax.random.bernoulli(jax.random.fold_in(rng, 7),
                                         self.gan_config.text_drop_prob, (b,))
             mask = mask & ~drop[:, None]
+        layout = self.layouts(real, tokens)
+        if layout is not None and self.gan_config.layout_drop_prob:
+            drop = jax.random.bernoulli(jax.random.fold_in(rng, 8),
+                                        self.gan_config.layout_drop_prob, (b,))
+            layout = jnp.where(drop[:, None], -1, layout)
         z = jax.random.normal(k_z, (b, self.gan_config.z_dim))
         augment = (lambda x, k: diff_augment(x, k, lc.augment)) if lc.augment else (lambda x, k: x)
         d_side = self.gan_config.disc_resolution
@@ -341,12 +360,12 @@ class GANTask:
                 [z[None], jax.random.normal(jax.random.fold_in(k_z, 1),
                                             (samples - 1, b, self.gan_config.z_dim))])
             z = self._nearest_draw(jax.lax.stop_gradient(params["generator"]), candidates,
-                                   cond, token_features, mask, real, k_noise)
+                                   cond, token_features, mask, real, k_noise, layout)
 
         def generator_terms(gp):
             """The generator's picture and every term of its loss but the adversarial one."""
             draw = lambda z, k: self.generator.apply({"params": gp}, z, cond, k, token_features,
-                                                     mask)
+                                                     mask, layout=layout)
             fake = draw(z, k_noise)
             loss, metrics = jnp.zeros(()), {}
             if lc.get("reconstruction_weight", 0.0):
@@ -457,7 +476,7 @@ class GANTask:
         return grads, metrics
 
     def _nearest_draw(self, generator_params, candidates, cond, token_features, mask, real,
-                      noise_key):
+                      noise_key, layout=None):
         """The row of `candidates` [K, B, Z] whose picture is nearest each real picture under
         the reconstruction error: [B, Z]. The K x B pictures are drawn as one batch, so their
         per-pixel noise is that batch's, not the final draw's (the learned noise strengths stay
@@ -465,7 +484,8 @@ class GANTask:
         k, b = candidates.shape[:2]
         tile = lambda x: None if x is None else jnp.tile(x, (k,) + (1,) * (x.ndim - 1))
         fakes = self.generator.apply({"params": generator_params}, candidates.reshape(k * b, -1),
-                                     tile(cond), noise_key, tile(token_features), tile(mask))
+                                     tile(cond), noise_key, tile(token_features), tile(mask),
+                                     layout=tile(layout))
         # The real pictures (and their edge weights) once, against each candidate row.
         errors = jax.vmap(lambda f: self._picture_errors(f, real))(
             fakes.reshape(k, b, *fakes.shape[1:]))
@@ -481,16 +501,20 @@ class GANTask:
                               lc.get("reconstruction_edge", 0.0))
 
     def render(self, generator_params, clip_params, images, tokens, keys):
-        """Pictures in [-1, 1] for the conditions of (images, tokens); one key per picture, so
-        each picture's noise is its own whatever batch it is drawn in."""
+        """Pictures in [-1, 1] for the conditions of (images, tokens) (with the pictures' own
+        layouts where the generator reads one); one key per picture, so each picture's noise
+        is its own whatever batch it is drawn in."""
         cond, token_features, mask = self.conditions(clip_params, images, tokens)
+        layout = self.layouts(images, tokens)
+        if layout is None:
+            layout = jnp.full((images.shape[0], 1), -1, jnp.int32)  # unused
 
-        def one(z_key, c, f, m):
+        def one(z_key, c, f, m, lay):
             kz, kn = jax.random.split(z_key)
             z = jax.random.normal(kz, (1, self.gan_config.z_dim))
             return self.generator.apply({"params": generator_params}, z, c[None], kn, f[None],
-                                        m[None])[0]
-        return jax.vmap(one)(keys, cond, token_features, mask)
+                                        m[None], layout=lay[None])[0]
+        return jax.vmap(one)(keys, cond, token_features, mask, layout)
 
     def evaluate(self, params, step: int | None = None) -> dict[str, float]:
         """Decoder adherence: each eval picture re-drawn from its own CLIP vector (the prior is

@@ -1,5 +1,6 @@
-"""One command trains a whole pipeline: CLIP, then the prior and the decoder on the frozen CLIP,
-then, where the config has a `refine` block, a fine-tune of the GAN decoder's generator.
+"""One command trains a whole pipeline: CLIP, then the prior, where the config has a `layout`
+block the layout model (`models/layout.py`), and the decoder on the frozen CLIP, then, where
+the config has a `refine` block, a fine-tune of the GAN decoder's generator.
 
 Each stage is an ordinary training run in `workdir/<stage>` (checkpoints, metrics.jsonl,
 periodic evaluation), so rerunning the command resumes the unfinished stage and skips the
@@ -35,10 +36,11 @@ GENERATOR_OF = {"gan": "gan", "diffusion_decoder": "unclip"}
 
 def build_task(stage_config, clip_params, clip_config):
     from dalle_jax.train.gan import GANTask
+    from dalle_jax.train.layout import LayoutTask
     from dalle_jax.train.prior import PriorTask
     from dalle_jax.train.unclip import DiffusionDecoderTask, DiffusionPriorTask
     tasks = {"prior": PriorTask, "gan": GANTask, "diffusion_prior": DiffusionPriorTask,
-             "diffusion_decoder": DiffusionDecoderTask}
+             "diffusion_decoder": DiffusionDecoderTask, "layout": LayoutTask}
     if stage_config.family not in tasks:
         raise ValueError(f"unknown model family {stage_config.family!r} for a stage on a frozen "
                          f"CLIP; valid: {', '.join(tasks)}")
@@ -90,6 +92,14 @@ def prior_from_model(config) -> tuple[dict, dict]:
     family and model must be this config's."""
     source = _same_file_as_clip(config, "prior")
     return _section_of_model(source, "prior", config.prior, ("family", "model"), with_config=True)
+
+
+def layout_from_model(config) -> tuple[dict, dict]:
+    """(parameters, config as stored) of the layout model of the model file
+    `layout.import_from`, used as it is; like a prior, it reads the CLIP of that file."""
+    source = _same_file_as_clip(config, "layout")
+    return _section_of_model(source, "layout", config.layout, ("family", "model"),
+                             with_config=True)
 
 
 # The decoder config's fields that decide what its training makes: an imported decoder must
@@ -155,6 +165,13 @@ def run(config, workdir: str) -> str:
         prior_task = build_task(config.prior, clip_params, config.clip)
         prior_params = _params(loop.train_and_evaluate(
             config.prior, os.path.join(workdir, "prior"), task=prior_task), config.prior)
+    layout_params = layout_config = None
+    if config.get("layout") and config.layout.get("import_from"):
+        layout_params, layout_config = layout_from_model(config)
+    elif config.get("layout"):
+        layout_task = build_task(config.layout, clip_params, config.clip)
+        layout_params = _params(loop.train_and_evaluate(
+            config.layout, os.path.join(workdir, "layout"), task=layout_task), config.layout)
     if config.decoder.get("import_from"):
         decoder = decoder_from_model(config)
     else:
@@ -172,7 +189,8 @@ def run(config, workdir: str) -> str:
                                           task=refine_task).ema_params["generator"]
     path = os.path.join(workdir, "model.npz")
     if jax.process_index() == 0:
-        export(path, config, clip_params, prior_params, decoder, prior_config=prior_config)
+        export(path, config, clip_params, prior_params, decoder, prior_config=prior_config,
+               layout_params=layout_params, layout_config=layout_config)
         print(f"model written to {path}", file=sys.stderr)
     return path
 
@@ -185,11 +203,13 @@ def shapes_vocabulary(context_length: int, count: int = 20000) -> np.ndarray:
 
 
 def export(path: str, config, clip_params, prior_params, generator_params,
-           dtype: str | None = None, prior_config: dict | None = None):
-    """The pipeline's model file: the frozen CLIP, the prior and the decoder's EMA weights (the
-    GAN's generator under "generator", the refine stage's where there is one; a diffusion
-    decoder under "decoder"), with their configs (the prior's `prior_config` when given: an
-    imported prior's own)."""
+           dtype: str | None = None, prior_config: dict | None = None,
+           layout_params: dict | None = None, layout_config: dict | None = None):
+    """The pipeline's model file: the frozen CLIP, the prior, the layout model where there is
+    one and the decoder's EMA weights (the GAN's generator under "generator", the refine
+    stage's where there is one; a diffusion decoder under "decoder"), with their configs (the
+    prior's `prior_config` and the layout model's `layout_config` when given: an imported
+    one's own)."""
     generator = GENERATOR_OF.get(config.decoder.family)
     if generator is None:
         raise ValueError(f"no generator for decoder family {config.decoder.family!r}; valid: "
@@ -202,6 +222,9 @@ def export(path: str, config, clip_params, prior_params, generator_params,
             config_lib.stage_config(config, "refine").to_json_best_effort())
     params = {"clip": jax.device_get(clip_params), "prior": jax.device_get(prior_params),
               "generator" if generator == "gan" else "decoder": jax.device_get(generator_params)}
+    if layout_params is not None:
+        configs["layout"] = layout_config or json.loads(config.layout.to_json_best_effort())
+        params["layout"] = jax.device_get(layout_params)
     keep = None
     # Only a CLIP trained on shapes has rows that never moved; an imported one uses them all.
     if config.clip.data.name == "shapes" and not _imported_elsewhere(config.clip):

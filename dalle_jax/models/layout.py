@@ -1,0 +1,203 @@
+"""A text-to-layout stage for captioned shapes: where each named object goes, as a coarse map.
+
+The frozen CLIP's image vector does not say which of two objects stands where (the contrastive
+loss never needed the relation: benchmarks/RESULTS.md, session 31), and a decoder that reads
+the caption beside it did not learn to place two objects (session 31). A decoder-only
+Transformer that reads the caption's words and then writes a coarse map one cell at a time, in
+raster order, does (session 32, `benchmarks/layout_probe.py`): the autoregressive
+factorisation of DALL-E (Ramesh et al. 2021) over a `RES` x `RES` map of cell classes, as in
+layout-first text-to-image work (Hong et al. 2018, "Inferring Semantic Layout for Hierarchical
+Text-to-Image Synthesis"; Make-A-Scene, Gafni et al. 2022, conditions on a segmentation map).
+
+A cell's class is the background colour or the (colour, shape) of the object covering it, so
+the map binds each colour to its shape as the caption does, and the GAN decoder
+(`models/gan.py`, `layout_classes`) draws from the map and the image vector together.
+
+`targets` reads a training picture's map from the picture and its caption's tokens (each pixel
+to the nearest of the colours the caption names and the three backgrounds; the object whose
+pixels cover a quarter of a cell or more takes the cell; the object's shape is the word after
+its colour), in JAX, inside the training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax.data import shapes
+
+RES = 8  # cells per side
+BACKGROUNDS = tuple(shapes.BACKGROUNDS)
+COLOURS = tuple(shapes.COLOURS)
+SHAPES = tuple(shapes.SHAPES)
+# Classes: the backgrounds, then (colour, shape) colour-major.
+CLASSES = BACKGROUNDS + tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+NUM_CLASSES = len(CLASSES)
+# The share of a cell an object must cover to take it.
+COVER = 0.25
+
+
+def object_class(colour: str, shape: str) -> int:
+    return len(BACKGROUNDS) + COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+@functools.cache
+def _word_ids() -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """The tokenizer's ids of each colour word and each shape word."""
+    from dalle_jax.tokenizer import Tokenizer
+    t = Tokenizer()
+    return tuple(tuple(t.encode(c)) for c in COLOURS), tuple(tuple(t.encode(s)) for s in SHAPES)
+
+
+def _ends_with(tokens, ids):
+    """[B, L] bool: the token sequence `ids` ends at each position."""
+    hit = jnp.ones(tokens.shape, bool)
+    for back, i in enumerate(reversed(ids)):
+        earlier = jnp.pad(tokens, ((0, 0), (back, 0)), constant_values=-1)[:, :tokens.shape[1]]
+        hit = hit & (earlier == i)
+    return hit
+
+
+def named_objects(tokens):
+    """([B, colours] bool, [B, colours] int): which colours the caption names with a shape
+    word right after, and that shape's index (a two-object caption's colours differ)."""
+    colour_ids, shape_ids = _word_ids()
+    colour_end = jnp.stack([_ends_with(tokens, ids) for ids in colour_ids], -1)   # [B, L, C]
+    # a shape word starting at the next position
+    nxt = jnp.pad(tokens, ((0, 0), (0, 1)), constant_values=-1)[:, 1:]
+    starts = [nxt == ids[0] for ids in shape_ids]  # shape words are single tokens here
+    shape_next = jnp.stack(starts, -1)                                               # [B, L, S]
+    pairs = jnp.einsum("blc,bls->bcs", colour_end.astype(jnp.int32),
+                       shape_next.astype(jnp.int32))
+    return pairs.sum(-1) > 0, jnp.argmax(pairs, -1)
+
+
+def palette():
+    """[colours + backgrounds, 3] in [-1, 1]: the object colours, then the backgrounds."""
+    rgb = [shapes.COLOURS[c] for c in COLOURS] + [shapes.BACKGROUNDS[b] for b in BACKGROUNDS]
+    return np.asarray(rgb, np.float32) / 127.5 - 1.0
+
+
+def targets(images, tokens, res: int = RES):
+    """The layout of training pictures [B, S, S, 3] in [-1, 1] with their captions' token ids
+    [B, L]: int32 [B, res * res] classes (see the module's docstring). S must be a multiple of
+    res."""
+    b, s = images.shape[0], images.shape[1]
+    if s % res:
+        raise ValueError(f"a {s} px picture does not split into {res} x {res} cells")
+    named, shape_of = named_objects(tokens)
+    pal = jnp.asarray(palette())
+    n_colours = len(COLOURS)
+    d = jnp.sum(jnp.square(images[..., None, :] - pal), -1)                  # [B, S, S, P]
+    allowed = jnp.concatenate([named, jnp.ones((b, len(BACKGROUNDS)), bool)], -1)
+    nearest = jnp.argmin(jnp.where(allowed[:, None, None, :], d, jnp.inf), -1)
+    k = s // res
+    counts = jax.nn.one_hot(nearest, len(pal)).reshape(b, res, k, res, k, -1).sum((2, 4))
+    counts = counts.reshape(b, res * res, -1) / (k * k)                       # cover shares
+    obj, bg = counts[..., :n_colours], counts[..., n_colours:]
+    colour = jnp.argmax(obj, -1)
+    shape = jnp.take_along_axis(shape_of, colour, axis=1)
+    is_object = jnp.max(obj, -1) >= COVER
+    return jnp.where(is_object, len(BACKGROUNDS) + colour * len(SHAPES) + shape,
+                     jnp.argmax(bg, -1)).astype(jnp.int32)
+
+
+def one_hot(layout, res: int = RES):
+    """int [B, res * res] (a row of -1: no layout) -> float [B, res, res, classes]."""
+    return jax.nn.one_hot(layout, NUM_CLASSES).reshape(layout.shape[0], res, res, NUM_CLASSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    token_dim: int = 128      # the CLIP token embeddings' width
+    context_length: int = 16
+    width: int = 96
+    layers: int = 3
+    num_heads: int = 4
+    res: int = RES
+
+
+class LayoutModel(nn.Module):
+    """(CLIP token embeddings [B, L, T], mask [B, L], layout [B, N]) -> logits [B, N, classes]
+    for each cell given the caption and the cells before it (N = res * res, raster order).
+
+    The words attend to each other both ways (a caption is read whole), the cells to every word
+    and to the cells before them (pre-LN Transformer blocks, learned positions)."""
+
+    config: LayoutConfig
+
+    @nn.compact
+    def __call__(self, words, word_mask, layout):
+        c = self.config
+        length, n = words.shape[1], c.res * c.res
+        start = jnp.full((layout.shape[0], 1), NUM_CLASSES, layout.dtype)
+        previous = jnp.concatenate([start, layout[:, :-1]], 1)  # each cell sees those before
+        h = jnp.concatenate([nn.Dense(c.width, name="embed_words")(words),
+                             nn.Embed(NUM_CLASSES + 1, c.width, name="embed_cells")(previous)], 1)
+        h = h + self.param("positions", nn.initializers.normal(0.02), (length + n, c.width))
+        causal = jnp.tril(jnp.ones((length + n, length + n), bool)).at[:length, :length].set(True)
+        keep = jnp.concatenate([word_mask, jnp.ones(layout.shape, bool)], 1)
+        mask = causal[None, None] & keep[:, None, None, :]
+        for i in range(c.layers):
+            a = nn.LayerNorm(name=f"block{i}_ln_1")(h)
+            h = h + nn.MultiHeadDotProductAttention(c.num_heads, qkv_features=c.width,
+                                                    name=f"block{i}_attn")(a, a, mask=mask)
+            a = nn.LayerNorm(name=f"block{i}_ln_2")(h)
+            h = h + nn.Dense(c.width, name=f"block{i}_proj")(
+                nn.gelu(nn.Dense(4 * c.width, name=f"block{i}_fc")(a)))
+        return nn.Dense(NUM_CLASSES, name="head")(nn.LayerNorm(name="ln_final")(h[:, length:]))
+
+
+def loss(model, params, words, word_mask, layout):
+    """Mean cross-entropy of each cell's class given the cells before it (teacher forcing)."""
+    logits = model.apply({"params": params}, words, word_mask, layout)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, layout[..., None], -1))
+
+
+def sample(model, params, words, word_mask, keys, temperature: float = 1.0):
+    """int32 [B, res * res] layouts, one cell at a time; row b's cells drawn from keys[b] alone
+    (folded with the cell's index), so a layout does not depend on its batch. `temperature`
+    (a Python number) divides the logits; 0 takes each cell's likeliest class."""
+    n = model.config.res * model.config.res
+
+    def cell(i, layout):
+        logits = model.apply({"params": params}, words, word_mask, layout)[:, i]
+        if temperature == 0:
+            draw = jnp.argmax(logits, -1)
+        else:
+            draw = jax.vmap(lambda k, l: jax.random.categorical(
+                jax.random.fold_in(k, i), l / temperature))(keys, logits)
+        return layout.at[:, i].set(draw.astype(jnp.int32))
+
+    return jax.lax.fori_loop(0, n, cell, jnp.zeros((words.shape[0], n), jnp.int32))
+
+
+def relation_right(layouts: np.ndarray, captions, res: int = RES) -> np.ndarray:
+    """[N] bool, for two-object captions: both named (colour, shape) classes in the map and
+    their cells' centres in the caption's relation (the first's centre left of / right of /
+    above / below the second's by at least one cell, within one cell on the other axis)."""
+    ok = []
+    for layout, caption in zip(np.asarray(layouts).reshape(-1, res, res), captions):
+        parsed = shapes.parse_caption(caption)
+        if parsed is None or len(parsed.objects) != 2:
+            ok.append(False)
+            continue
+        centres = []
+        for o in parsed.objects:
+            ys, xs = np.nonzero(layout == object_class(o.colour, o.shape))
+            centres.append((ys.mean(), xs.mean()) if len(ys) else None)
+        if None in centres:
+            ok.append(False)
+            continue
+        (y1, x1), (y2, x2) = centres
+        ok.append({"to the left of": x2 - x1 >= 1 and abs(y1 - y2) <= 1,
+                   "to the right of": x1 - x2 >= 1 and abs(y1 - y2) <= 1,
+                   "above": y2 - y1 >= 1 and abs(x1 - x2) <= 1,
+                   "below": y1 - y2 >= 1 and abs(x1 - x2) <= 1}[parsed.relation])
+    return np.asarray(ok, bool)

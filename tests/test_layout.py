@@ -1,0 +1,207 @@
+"""The layout stage (`models/layout.py`, `train/layout.py`) and the GAN decoder that reads it."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dalle_jax import bundle
+from dalle_jax import config as config_lib
+from dalle_jax.data import shapes
+from dalle_jax.data.pipeline import to_float_images
+from dalle_jax.models import gan as gan_lib
+from dalle_jax.models import layout as layout_lib
+from dalle_jax.pipeline import Pipeline
+from dalle_jax.tokenizer import Tokenizer
+from dalle_jax.train import stages
+from dalle_jax.train.clip import CLIPTask
+from dalle_jax.train.gan import GANTask, with_added_layers
+from dalle_jax.train.layout import LayoutTask
+from test_generation import small_config, write_random_model
+
+TOKENIZE = lambda captions: Tokenizer()(captions, context_length=16)  # noqa: E731
+
+
+def _targets(index, split="train", size=32):
+    images, captions = shapes.examples(index, split, 0, size)
+    return np.asarray(layout_lib.targets(jnp.asarray(to_float_images(images)),
+                                         jnp.asarray(TOKENIZE(captions)))), captions
+
+
+def test_named_objects_bind_each_colour_to_the_shape_after_it():
+    tokens = jnp.asarray(TOKENIZE(["a cyan star above an orange circle",
+                                   "a large pink diamond on a white background",
+                                   "a red square to the left of a cyan triangle"]))
+    named, shape = map(np.asarray, layout_lib.named_objects(tokens))
+    c, s = layout_lib.COLOURS.index, layout_lib.SHAPES.index
+    assert set(np.flatnonzero(named[0])) == {c("cyan"), c("orange")}  # cyan is two tokens
+    assert (shape[0, c("cyan")], shape[0, c("orange")]) == (s("star"), s("circle"))
+    assert set(np.flatnonzero(named[1])) == {c("pink")} and shape[1, c("pink")] == s("diamond")
+    assert (shape[2, c("red")], shape[2, c("cyan")]) == (s("square"), s("triangle"))
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_targets_place_each_named_object_and_the_background(size):
+    """At 32 px (4 px cells) exactly; at 16 px (2 px cells) an object's antialiased edge can
+    read as the other named colour, so there most, not all."""
+    index = range(120)
+    layouts, captions = _targets(index, size=size)
+    two = [k for k, c in enumerate(captions) if len(shapes.parse_caption(c).objects) == 2]
+    assert len(two) > 20
+    # Read from real pictures, two-object layouts stand in their caption's relation, none in
+    # the reversed one.
+    right = layout_lib.relation_right(layouts[two], [captions[k] for k in two])
+    assert right.all() if size == 32 else right.mean() > 0.9
+    reverse = [shapes.reverse_relation(captions[k])[1] for k in two]
+    assert not layout_lib.relation_right(layouts[two], reverse).any()
+    if size != 32:
+        return
+    for k, caption in enumerate(captions):
+        scene = shapes.scene(index[k], "train", 0)
+        want = {layout_lib.object_class(o.colour, o.shape) for o in scene.objects}
+        classes = set(np.unique(layouts[k]).tolist())
+        assert classes - set(range(3)) == want, caption  # the objects, each with its shape
+        assert classes & set(range(3)) == {layout_lib.BACKGROUNDS.index(scene.background)}
+
+
+def test_layout_model_is_causal_and_sampling_is_per_key():
+    task_config = small_config(refine=True).layout
+    model = LayoutTask(task_config, None, small_config().clip).model
+    words = jax.random.normal(jax.random.PRNGKey(0), (3, 16, model.config.token_dim))
+    mask = jnp.arange(16)[None] < jnp.array([[9], [12], [7]])
+    n = model.config.res ** 2
+    layout = jax.random.randint(jax.random.PRNGKey(1), (3, n), 0, layout_lib.NUM_CLASSES)
+    params = model.init(jax.random.PRNGKey(2), words, mask, layout)["params"]
+    logits = model.apply({"params": params}, words, mask, layout)
+    assert logits.shape == (3, n, layout_lib.NUM_CLASSES)
+    # Cell i's logits see only the cells before it ...
+    changed = layout.at[:, 40:].set(0)
+    np.testing.assert_allclose(model.apply({"params": params}, words, mask, changed)[:, :41],
+                               logits[:, :41], atol=1e-5)
+    assert np.abs(model.apply({"params": params}, words, mask, changed)[:, 41:]
+                  - logits[:, 41:]).max() > 1e-3
+    # ... and the words (padding aside).
+    other = words.at[0, 3].add(1.0)
+    assert np.abs(model.apply({"params": params}, other, mask, layout)[0] - logits[0]).max() > 1e-3
+    padded = words.at[0, 10].add(1.0)  # past row 0's 9 tokens
+    np.testing.assert_allclose(model.apply({"params": params}, padded, mask, layout)[0],
+                               logits[0], atol=1e-5)
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    drawn = layout_lib.sample(model, params, words, mask, keys)
+    alone = layout_lib.sample(model, params, words[1:2], mask[1:2], keys[1:2])
+    np.testing.assert_array_equal(drawn[1:2], alone)
+    assert not np.array_equal(drawn, layout_lib.sample(model, params, words, mask, keys[::-1]))
+    # Temperature 0: each cell the likeliest given the cells drawn before it.
+    greedy = layout_lib.sample(model, params, words, mask, keys, temperature=0.0)
+    np.testing.assert_array_equal(
+        greedy, np.argmax(model.apply({"params": params}, words, mask, greedy), -1))
+
+
+def test_layout_training_learns_a_batch():
+    """The layout task's gradient lowers its loss on a fixed batch of real pictures (targets
+    read inside the step, words from the frozen CLIP's token embeddings)."""
+    config = small_config(refine=True)
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    task = LayoutTask(config.layout, clip_params, config.clip)
+    params = task.init_params(jax.random.PRNGKey(1))
+    images, captions = shapes.examples(range(16), "train", 0, 16)
+    batch = {"image": jnp.asarray(to_float_images(images)),
+             "tokens": jnp.asarray(TOKENIZE(captions))}
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt):
+        grads, metrics = task.grad_fn(params, batch, None, task.frozen, 0)
+        updates, opt = tx.update(grads, opt)
+        return optax.apply_updates(params, updates), opt, metrics["loss"]
+
+    losses = []
+    for _ in range(40):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_a_generator_reads_the_layout_and_none_is_no_layout():
+    config = gan_lib.GANConfig(resolution=16, cond_dim=8, z_dim=4, w_dim=8, mapping_layers=1,
+                               channels=(8, 8, 8), d_channels=(8, 8, 8), noise=False,
+                               layout_classes=layout_lib.NUM_CLASSES)
+    g = gan_lib.Generator(config)
+    z, cond = jnp.ones((2, 4)), jnp.ones((2, 8))
+    rng = jax.random.PRNGKey(0)
+    layout = jax.random.randint(rng, (2, 64), 0, layout_lib.NUM_CLASSES)
+    params = g.init(rng, z, cond, rng, layout=layout)
+    assert {"b4_layout", "b8_layout", "b16_layout"} <= set(params["params"]["synthesis"])
+    drawn = g.apply(params, z, cond, rng, layout=layout)
+    assert np.abs(drawn - g.apply(params, z, cond, rng, layout=layout[::-1])).max() > 1e-3
+    np.testing.assert_allclose(g.apply(params, z, cond, rng, layout=jnp.full((2, 64), -1)),
+                               g.apply(params, z, cond, rng), atol=1e-6)
+    # Added by a fine-tune, the layout inputs start at zero: the initial generator's pictures
+    # under any layout.
+    plain = gan_lib.Generator(gan_lib.GANConfig(**{**config.__dict__, "layout_classes": 0}))
+    initial = plain.init(rng, z, cond, rng)["params"]
+    grown = with_added_layers(initial, params["params"])
+    np.testing.assert_allclose(g.apply({"params": grown}, z, cond, rng, layout=layout),
+                               plain.apply({"params": initial}, z, cond, rng), atol=1e-6)
+
+
+def test_a_pipeline_with_a_layout_stage(tmp_path):
+    """A model file with a layout stage: prompts are drawn through a sampled layout (a file
+    whose layout model differs draws other pictures from the same seed), per key as before;
+    variations decode without one; a decoder that reads layouts needs the layout model."""
+    config = small_config(refine=True)
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
+        jax.random.PRNGKey(1))
+    refine = config_lib.stage_config(config, "refine")
+    gan = GANTask(refine, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
+    layout_task = LayoutTask(config.layout, clip_params, config.clip)
+    prompts = ["a red circle to the left of a blue star", "a large green square"]
+    pictures = []
+    for seed in (3, 4):
+        path = str(tmp_path / f"m{seed}.npz")
+        stages.export(path, config, clip_params, prior, gan["generator"],
+                      layout_params=layout_task.init_params(jax.random.PRNGKey(seed)))
+        pipe = Pipeline.load(path, batch_size=3)
+        out = pipe.generate(prompts, num_per_prompt=2, seed=7)
+        assert out.shape == (4, 16, 16, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(pipe.generate(prompts[:1], num_per_prompt=2, seed=7),
+                                      out[:2])
+        np.testing.assert_array_equal(Pipeline.load(path, batch_size=4).generate(
+            prompts, num_per_prompt=2, seed=7), out)
+        pictures.append(out)
+    assert np.abs(pictures[0].astype(int) - pictures[1]).max() > 2
+    assert pipe.variations(pictures[0][:1], num=2).shape == (2, 16, 16, 3)
+    assert "layout_temperature" in pipe.options()
+    assert pipe.generate(prompts, seed=7, layout_temperature=0).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="layout_temperature must be between 0 and 2"):
+        pipe.generate(prompts, layout_temperature=3.0)
+    path = str(tmp_path / "no_layout.npz")
+    stages.export(path, config, clip_params, prior, gan["generator"])
+    with pytest.raises(bundle.BundleError, match="holds no layout model"):
+        Pipeline.load(path)
+
+
+def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():
+    config = small_config(refine=True)
+    with config.unlocked():
+        del config.layout
+    with pytest.raises(config_lib.ConfigError, match="needs a layout stage"):
+        config_lib.validate(config)
+    config = small_config(refine=True)
+    with pytest.raises(config_lib.ConfigError, match="read by no decoder"):
+        config_lib.validate(config_lib.apply_overrides(config, ["refine.model.layout=False"]))
+    with pytest.raises(ValueError, match="captioned shapes"):
+        LayoutTask(config_lib.apply_overrides(config, ["layout.data.name=folder"]).layout,
+                   None, config.clip)
+
+
+def test_an_old_model_file_without_a_layout_stage_still_loads(tmp_path):
+    path = write_random_model(str(tmp_path))
+    pipe = Pipeline.load(path, batch_size=2)
+    assert "layout_temperature" not in pipe.options()
+    assert pipe.generate(["a red circle"]).shape == (1, 16, 16, 3)
