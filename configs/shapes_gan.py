@@ -189,8 +189,8 @@ def get_config():
     # layout stage (`c.layout`), the real pictures' own in training, none for 30% of the
     # training pictures so that it still draws from an image vector alone (variations, edits).
     c.refine = dict(total_steps=2400, optim=dict(lr=3e-3),
-                    data=dict(seed=1, oversample="small star:10,small diamond:10"),
+                    data=dict(seed=1, oversample="small star:10,small diamond:10,two objects:3"),
                     loss=dict(reconstruction_shift=1),
-                    model=dict(layout=True, layout_drop_prob=0.3))
+                    model=dict(layout=True, layout_drop_prob=0.3, layout_lr_mul=10.0))
     c.layout = layout_stage()
     return c

@@ -140,7 +140,8 @@ SCHEMAS: dict[str, dict] = {
                       "synthesis": _opt(str, choices=("style", "conv")),
                       "norm_groups": _opt(int, minimum=1),
                       "d_resolution": _opt(int, minimum=0), "layout": _opt(bool),
-                      "layout_drop_prob": _opt(float, minimum=0)},
+                      "layout_drop_prob": _opt(float, minimum=0),
+                      "layout_lr_mul": _opt(float, minimum=0)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "clip_contrastive_weight": _opt(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
@@ -400,7 +401,7 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
 # or say how often those are hidden from them; every other weight is the decoder's.
 REFINE_MAY_ADD = ("model.cross_attention_res", "model.text_reader_layers",
                   "model.caption_to_w", "model.text_drop_prob", "model.layout",
-                  "model.layout_drop_prob")
+                  "model.layout_drop_prob", "model.layout_lr_mul")
 
 
 def _check_refine(config, where: str):

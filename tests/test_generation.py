@@ -500,7 +500,7 @@ def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
     assert (refine["total_steps"], refine["data"]["global_batch"], refine["optim"]["lr"],
             refine["loss"]["reconstruction_shift"]) == (2, 8, 3e-3, 1)
     assert refine["model"] == {**meta["configs"]["decoder"]["model"], "layout": True,
-                               "layout_drop_prob": 0.3}
+                               "layout_drop_prob": 0.3, "layout_lr_mul": 10.0}
     assert "b8_layout" in params["generator"]["synthesis"] and "layout" in params
     assert meta["configs"]["layout"]["total_steps"] == 2
 

@@ -89,6 +89,12 @@ def test_layout_model_is_causal_and_sampling_is_per_key():
     padded = words.at[0, 10].add(1.0)  # past row 0's 9 tokens
     np.testing.assert_allclose(model.apply({"params": params}, padded, mask, layout)[0],
                                logits[0], atol=1e-5)
+    # A class's logit is its colour's plus its shape's, so a pair never seen in training (red
+    # triangle is held out) is as reachable as its colour and its shape are.
+    k = layout_lib.object_class
+    np.testing.assert_allclose(
+        logits[..., k("red", "triangle")] - logits[..., k("red", "circle")],
+        logits[..., k("blue", "triangle")] - logits[..., k("blue", "circle")], atol=1e-4)
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     drawn = layout_lib.sample(model, params, words, mask, keys)
     alone = layout_lib.sample(model, params, words[1:2], mask[1:2], keys[1:2])
@@ -124,6 +130,19 @@ def test_layout_training_learns_a_batch():
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_factors_are_a_classes_colour_and_shape():
+    classes = jnp.array([layout_lib.object_class("red", "triangle"),
+                         layout_lib.BACKGROUNDS.index("white"), -1])
+    f = np.asarray(layout_lib.factors(classes))
+    assert f.shape == (3, layout_lib.NUM_FACTORS)
+    colour, shape = f[:, :layout_lib.NUM_COLOURS], f[:, layout_lib.NUM_COLOURS:]
+    assert colour[0].argmax() == layout_lib.COLOURS.index("red") and colour[0].sum() == 1
+    assert shape[0].argmax() == layout_lib.SHAPES.index("triangle") and shape[0].sum() == 1
+    assert colour[1].argmax() == len(layout_lib.COLOURS) + 1  # white, the second background
+    assert shape[1].argmax() == len(layout_lib.SHAPES)  # no shape
+    assert not f[2].any()  # no layout
 
 
 def test_a_generator_reads_the_layout_and_none_is_no_layout():

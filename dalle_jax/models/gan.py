@@ -101,6 +101,9 @@ class GANConfig:
     layout_classes: int = 0
     layout_res: int = 8
     layout_drop_prob: float = 0.0
+    # The layout inputs' learning-rate multiplier (equalized learning rate, as the mapping
+    # network's): a fine-tune that adds them starts them at zero beside a trained generator.
+    layout_lr_mul: float = 1.0
 
     def __post_init__(self):
         if self.synthesis not in ("style", "conv"):
@@ -171,7 +174,8 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         d_resolution=model.get("d_resolution", GANConfig.d_resolution),
         layout_classes=layout_lib.NUM_CLASSES if model.get("layout", False) else 0,
         layout_res=layout_lib.RES,
-        layout_drop_prob=model.get("layout_drop_prob", 0.0))
+        layout_drop_prob=model.get("layout_drop_prob", 0.0),
+        layout_lr_mul=model.get("layout_lr_mul", 1.0))
 
 
 def _conv(x, w):
@@ -442,12 +446,13 @@ class TextReader(nn.Module):
 
 
 def layout_maps(layout, config: GANConfig):
-    """int [B, layout_res ** 2] (-1 rows: none) -> {side: one-hot map [B, side, side, K]} for
-    each synthesis level's side (repeated up, averaged down), or None without a layout."""
+    """int [B, layout_res ** 2] (-1 rows: none) -> {side: map [B, side, side, F]} for each
+    synthesis level's side (repeated up, averaged down), each cell its class's colour and shape
+    one-hot side by side (`models/layout.factors`), or None without a layout."""
     if layout is None or not config.layout_classes:
         return None
     r = config.layout_res
-    x = jax.nn.one_hot(layout, config.layout_classes).reshape(layout.shape[0], r, r, -1)
+    x = layout_lib.factors(layout).reshape(layout.shape[0], r, r, -1)
     maps = {}
     for i in range(config.synthesis_levels()):
         side = config.input_res * 2 ** i
@@ -461,15 +466,20 @@ def layout_maps(layout, config: GANConfig):
 
 
 class LayoutInput(nn.Module):
-    """A 1x1 convolution of a level's layout map, added to its features; no bias, so a row
-    with no layout (zeros) adds nothing (a fine-tune that adds it starts it at zero)."""
+    """A 1x1 convolution of a level's layout map (an embedding of each cell's colour plus one
+    of its shape), added to
+    its features; no bias, so a row with no layout (zeros) adds nothing (a fine-tune that adds
+    it starts it at zero). Its weight is scaled at run time by lr_mul / sqrt(classes)."""
 
+    lr_mul: float = 1.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, layout_map):
-        return x + EqualizedConv(x.shape[-1], kernel=1, use_bias=False, dtype=self.dtype,
-                                 name="conv")(layout_map).astype(x.dtype)
+        k = layout_map.shape[-1]
+        w = self.param("kernel", nn.initializers.normal(1.0 / self.lr_mul), (k, x.shape[-1]))
+        y = layout_map.astype(self.dtype) @ (w * (self.lr_mul / np.sqrt(k))).astype(self.dtype)
+        return x + y.astype(x.dtype)
 
 
 class SynthesisLayer(nn.Module):
@@ -518,7 +528,7 @@ class SynthesisNetwork(nn.Module):
                 x = SynthesisLayer(ch, c.noise, self.dtype, upsample=nearest,
                                    name=f"b{res}_conv0")(x if nearest else up(x), w, keys[2 * i])
             if maps is not None:
-                x = LayoutInput(self.dtype, name=f"b{res}_layout")(x, maps[res])
+                x = LayoutInput(c.layout_lr_mul, self.dtype, name=f"b{res}_layout")(x, maps[res])
             if res in c.cross_attention_res and tokens is not None:
                 x = CrossAttention(dtype=self.dtype, name=f"b{res}_xattn")(x, tokens, token_mask)
             x = SynthesisLayer(ch, c.noise, self.dtype, name=f"b{res}_conv1")(x, w, keys[2 * i + 1])
@@ -569,7 +579,7 @@ class ConvSynthesisNetwork(nn.Module):
             if i > 0:
                 x = up(x)
             if maps is not None:
-                x = LayoutInput(self.dtype, name=f"b{res}_layout")(x, maps[res])
+                x = LayoutInput(c.layout_lr_mul, self.dtype, name=f"b{res}_layout")(x, maps[res])
             for j in range(2):
                 x = ConditionalNormConv(ch, c.norm_groups, self.dtype,
                                         name=f"b{res}_conv{j}")(x, w)

@@ -38,6 +38,16 @@ SHAPES = tuple(shapes.SHAPES)
 # Classes: the backgrounds, then (colour, shape) colour-major.
 CLASSES = BACKGROUNDS + tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 NUM_CLASSES = len(CLASSES)
+# Each class as its two factors: its colour (the object colours, then the backgrounds) and its
+# shape (the shapes, then "none" for a background). Models read and write classes through
+# them, so that a (colour, shape) pair never seen together (the held-out pairs) is as
+# reachable as its colour and its shape are.
+CLASS_COLOUR = np.asarray([len(COLOURS) + i for i in range(len(BACKGROUNDS))]
+                          + [c for c in range(len(COLOURS)) for _ in SHAPES], np.int32)
+CLASS_SHAPE = np.asarray([len(SHAPES)] * len(BACKGROUNDS)
+                         + [s for _ in COLOURS for s in range(len(SHAPES))], np.int32)
+NUM_COLOURS, NUM_SHAPES = len(COLOURS) + len(BACKGROUNDS), len(SHAPES) + 1
+NUM_FACTORS = NUM_COLOURS + NUM_SHAPES
 # The share of a cell an object must cover to take it.
 COVER = 0.25
 
@@ -107,9 +117,14 @@ def targets(images, tokens, res: int = RES):
                      jnp.argmax(bg, -1)).astype(jnp.int32)
 
 
-def one_hot(layout, res: int = RES):
-    """int [B, res * res] (a row of -1: no layout) -> float [B, res, res, classes]."""
-    return jax.nn.one_hot(layout, NUM_CLASSES).reshape(layout.shape[0], res, res, NUM_CLASSES)
+def factors(layout):
+    """int classes [...] (-1: none) -> float [..., NUM_FACTORS]: the one-hot colour beside the
+    one-hot shape (zeros for -1)."""
+    known = (layout >= 0)[..., None]
+    k = jnp.maximum(layout, 0)
+    return jnp.where(known, jnp.concatenate(
+        [jax.nn.one_hot(jnp.asarray(CLASS_COLOUR)[k], NUM_COLOURS),
+         jax.nn.one_hot(jnp.asarray(CLASS_SHAPE)[k], NUM_SHAPES)], -1), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +142,11 @@ class LayoutModel(nn.Module):
     for each cell given the caption and the cells before it (N = res * res, raster order).
 
     The words attend to each other both ways (a caption is read whole), the cells to every word
-    and to the cells before them (pre-LN Transformer blocks, learned positions)."""
+    and to the cells before them (pre-LN Transformer blocks, learned positions). A cell is read
+    as its colour's embedding plus its shape's, and a class's logit is its colour's logit plus
+    its shape's (`CLASS_COLOUR`, `CLASS_SHAPE`): a product of a colour and a shape distribution
+    over the valid pairs, so a pair the training pictures never hold (a held-out pair) is drawn
+    where the caption names it.""" 
 
     config: LayoutConfig
 
@@ -135,10 +154,14 @@ class LayoutModel(nn.Module):
     def __call__(self, words, word_mask, layout):
         c = self.config
         length, n = words.shape[1], c.res * c.res
-        start = jnp.full((layout.shape[0], 1), NUM_CLASSES, layout.dtype)
-        previous = jnp.concatenate([start, layout[:, :-1]], 1)  # each cell sees those before
-        h = jnp.concatenate([nn.Dense(c.width, name="embed_words")(words),
-                             nn.Embed(NUM_CLASSES + 1, c.width, name="embed_cells")(previous)], 1)
+        previous = layout[:, :-1]  # each cell sees those before it, the first a start token
+        colour = jnp.concatenate([jnp.full((layout.shape[0], 1), NUM_COLOURS),
+                                  jnp.asarray(CLASS_COLOUR)[previous]], 1)
+        shape = jnp.concatenate([jnp.full((layout.shape[0], 1), NUM_SHAPES),
+                                 jnp.asarray(CLASS_SHAPE)[previous]], 1)
+        cells = (nn.Embed(NUM_COLOURS + 1, c.width, name="embed_colours")(colour)
+                 + nn.Embed(NUM_SHAPES + 1, c.width, name="embed_shapes")(shape))
+        h = jnp.concatenate([nn.Dense(c.width, name="embed_words")(words), cells], 1)
         h = h + self.param("positions", nn.initializers.normal(0.02), (length + n, c.width))
         causal = jnp.tril(jnp.ones((length + n, length + n), bool)).at[:length, :length].set(True)
         keep = jnp.concatenate([word_mask, jnp.ones(layout.shape, bool)], 1)
@@ -150,7 +173,10 @@ class LayoutModel(nn.Module):
             a = nn.LayerNorm(name=f"block{i}_ln_2")(h)
             h = h + nn.Dense(c.width, name=f"block{i}_proj")(
                 nn.gelu(nn.Dense(4 * c.width, name=f"block{i}_fc")(a)))
-        return nn.Dense(NUM_CLASSES, name="head")(nn.LayerNorm(name="ln_final")(h[:, length:]))
+        h = nn.LayerNorm(name="ln_final")(h[:, length:])
+        colour_logits = nn.Dense(NUM_COLOURS, name="head_colour")(h)
+        shape_logits = nn.Dense(NUM_SHAPES, name="head_shape")(h)
+        return colour_logits[..., CLASS_COLOUR] + shape_logits[..., CLASS_SHAPE]
 
 
 def loss(model, params, words, word_mask, layout):
