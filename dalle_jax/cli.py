@@ -171,6 +171,8 @@ SAMPLING_FLAGS = (
      "prompt's mean style"),
     ("prior_temperature", float, "GAN with a flow prior: its starting noise scale (default 0.5; "
      "1 = full diversity, lower stays nearer each prompt's typical picture)"),
+    ("layout_temperature", float, "GAN with a layout stage: its sampling temperature "
+     "(default 1; 0 = each cell's likeliest class)"),
     ("steps", int, "unCLIP: decoder DDIM steps (default 50)"),
     ("guidance_scale", float, "unCLIP: decoder classifier-free guidance (default 3; 1 = none)"),
     ("eta", float, "unCLIP: DDIM eta, 0 deterministic, 1 ancestral (default 1)"),

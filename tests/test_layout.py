@@ -95,6 +95,18 @@ def test_layout_model_is_causal_and_sampling_is_per_key():
     np.testing.assert_allclose(
         logits[..., k("red", "triangle")] - logits[..., k("red", "circle")],
         logits[..., k("blue", "triangle")] - logits[..., k("blue", "circle")], atol=1e-4)
+    # The sampler's path (the words' keys and values once, then one cell at a time with the
+    # cells' kept) gives the logits of the whole-sequence pass.
+    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+    word_kv = apply(words, mask, method=layout_lib.LayoutModel.encode_words)
+    empty = jnp.zeros((3, n, model.config.num_heads,
+                       model.config.width // model.config.num_heads))
+    cache = [(empty, empty)] * model.config.layers
+    step = jax.jit(lambda i, prev, cache: apply(i, prev, word_kv, mask, cache,
+                                                method=layout_lib.LayoutModel.decode_cell))
+    for i in range(n):
+        cell_logits, cache = step(i, layout[:, i - 1] if i else jnp.full((3,), -1), cache)
+        np.testing.assert_allclose(cell_logits, logits[:, i], atol=1e-4, err_msg=str(i))
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     drawn = layout_lib.sample(model, params, words, mask, keys)
     alone = layout_lib.sample(model, params, words[1:2], mask[1:2], keys[1:2])

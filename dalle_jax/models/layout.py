@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.data import shapes
+from dalle_jax.models import layers
 
 RES = 8  # cells per side
 BACKGROUNDS = tuple(shapes.BACKGROUNDS)
@@ -137,6 +138,29 @@ class LayoutConfig:
     res: int = RES
 
 
+class SelfAttention(nn.Module):
+    """Multi-head attention with the parameters of flax's `MultiHeadDotProductAttention`
+    (query, key, value [width, heads, width / heads], out [heads, width / heads, width]), its
+    projections and its attention apart, so that a sampler can keep the keys and values of the
+    positions already seen."""
+
+    width: int
+    num_heads: int
+
+    def setup(self):
+        per_head = (self.num_heads, self.width // self.num_heads)
+        self.query = nn.DenseGeneral(per_head)
+        self.key = nn.DenseGeneral(per_head)
+        self.value = nn.DenseGeneral(per_head)
+        self.out = nn.DenseGeneral(self.width, axis=(-2, -1))
+
+    def qkv(self, x):
+        return self.query(x), self.key(x), self.value(x)
+
+    def __call__(self, q, k, v, mask):
+        return self.out(layers.attention(q, k, v, mask=mask))
+
+
 class LayoutModel(nn.Module):
     """(CLIP token embeddings [B, L, T], mask [B, L], layout [B, N]) -> logits [B, N, classes]
     for each cell given the caption and the cells before it (N = res * res, raster order).
@@ -146,37 +170,98 @@ class LayoutModel(nn.Module):
     as its colour's embedding plus its shape's, and a class's logit is its colour's logit plus
     its shape's (`CLASS_COLOUR`, `CLASS_SHAPE`): a product of a colour and a shape distribution
     over the valid pairs, so a pair the training pictures never hold (a held-out pair) is drawn
-    where the caption names it.""" 
+    where the caption names it.
+
+    Since no word attends to a cell, the words' keys and values are computed once
+    (`encode_words`) and a sampler adds one cell at a time (`decode_cell`), each cell's keys
+    and values kept: 64 steps of one position each instead of 64 passes over all 80."""
 
     config: LayoutConfig
 
-    @nn.compact
-    def __call__(self, words, word_mask, layout):
+    def setup(self):
         c = self.config
-        length, n = words.shape[1], c.res * c.res
-        previous = layout[:, :-1]  # each cell sees those before it, the first a start token
-        colour = jnp.concatenate([jnp.full((layout.shape[0], 1), NUM_COLOURS),
-                                  jnp.asarray(CLASS_COLOUR)[previous]], 1)
-        shape = jnp.concatenate([jnp.full((layout.shape[0], 1), NUM_SHAPES),
-                                 jnp.asarray(CLASS_SHAPE)[previous]], 1)
-        cells = (nn.Embed(NUM_COLOURS + 1, c.width, name="embed_colours")(colour)
-                 + nn.Embed(NUM_SHAPES + 1, c.width, name="embed_shapes")(shape))
-        h = jnp.concatenate([nn.Dense(c.width, name="embed_words")(words), cells], 1)
-        h = h + self.param("positions", nn.initializers.normal(0.02), (length + n, c.width))
+        self.embed_words = nn.Dense(c.width)
+        self.embed_colours = nn.Embed(NUM_COLOURS + 1, c.width)  # + the start token's
+        self.embed_shapes = nn.Embed(NUM_SHAPES + 1, c.width)
+        self.positions = self.param("positions", nn.initializers.normal(0.02),
+                                    (c.context_length + c.res * c.res, c.width))
+        for i in range(c.layers):
+            setattr(self, f"block{i}_ln_1", nn.LayerNorm())
+            setattr(self, f"block{i}_attn", SelfAttention(c.width, c.num_heads))
+            setattr(self, f"block{i}_ln_2", nn.LayerNorm())
+            setattr(self, f"block{i}_fc", nn.Dense(4 * c.width))
+            setattr(self, f"block{i}_proj", nn.Dense(c.width))
+        self.ln_final = nn.LayerNorm()
+        self.head_colour = nn.Dense(NUM_COLOURS)
+        self.head_shape = nn.Dense(NUM_SHAPES)
+
+    def _block(self, i, h, mask, keys_before=None):
+        """Block i on h; its attention sees `keys_before` ((keys, values) of earlier
+        positions, or None) then h's own. Returns (h, (h's keys, h's values))."""
+        q, k, v = getattr(self, f"block{i}_attn").qkv(getattr(self, f"block{i}_ln_1")(h))
+        kk, vv = (k, v) if keys_before is None else (
+            jnp.concatenate([keys_before[0], k], 1), jnp.concatenate([keys_before[1], v], 1))
+        h = h + getattr(self, f"block{i}_attn")(q, kk, vv, mask)
+        a = getattr(self, f"block{i}_ln_2")(h)
+        return h + getattr(self, f"block{i}_proj")(nn.gelu(getattr(self, f"block{i}_fc")(a))), (k, v)
+
+    def _cells(self, previous):
+        """The embedding of each cell's predecessor class (-1: the start token)."""
+        start = previous < 0
+        k = jnp.maximum(previous, 0)
+        colour = jnp.where(start, NUM_COLOURS, jnp.asarray(CLASS_COLOUR)[k])
+        shape = jnp.where(start, NUM_SHAPES, jnp.asarray(CLASS_SHAPE)[k])
+        return self.embed_colours(colour) + self.embed_shapes(shape)
+
+    def _logits(self, h):
+        h = self.ln_final(h)
+        return (self.head_colour(h)[..., CLASS_COLOUR]
+                + self.head_shape(h)[..., CLASS_SHAPE])
+
+    def __call__(self, words, word_mask, layout):
+        length, n = words.shape[1], layout.shape[1]
+        previous = jnp.concatenate([jnp.full((layout.shape[0], 1), -1, layout.dtype),
+                                    layout[:, :-1]], 1)  # each cell sees those before it
+        h = jnp.concatenate([self.embed_words(words), self._cells(previous)], 1)
+        h = h + self.positions[:length + n]
         causal = jnp.tril(jnp.ones((length + n, length + n), bool)).at[:length, :length].set(True)
         keep = jnp.concatenate([word_mask, jnp.ones(layout.shape, bool)], 1)
         mask = causal[None, None] & keep[:, None, None, :]
-        for i in range(c.layers):
-            a = nn.LayerNorm(name=f"block{i}_ln_1")(h)
-            h = h + nn.MultiHeadDotProductAttention(c.num_heads, qkv_features=c.width,
-                                                    name=f"block{i}_attn")(a, a, mask=mask)
-            a = nn.LayerNorm(name=f"block{i}_ln_2")(h)
-            h = h + nn.Dense(c.width, name=f"block{i}_proj")(
-                nn.gelu(nn.Dense(4 * c.width, name=f"block{i}_fc")(a)))
-        h = nn.LayerNorm(name="ln_final")(h[:, length:])
-        colour_logits = nn.Dense(NUM_COLOURS, name="head_colour")(h)
-        shape_logits = nn.Dense(NUM_SHAPES, name="head_shape")(h)
-        return colour_logits[..., CLASS_COLOUR] + shape_logits[..., CLASS_SHAPE]
+        for i in range(self.config.layers):
+            h, _ = self._block(i, h, mask)
+        return self._logits(h[:, length:])
+
+    def encode_words(self, words, word_mask):
+        """Each block's (keys, values) of the words [B, L, heads, head width]."""
+        h = self.embed_words(words) + self.positions[:words.shape[1]]
+        kv = []
+        for i in range(self.config.layers):
+            h, keys = self._block(i, h, word_mask[:, None, None, :])
+            kv.append(keys)
+        return kv
+
+    def decode_cell(self, i, previous, word_kv, word_mask, cache):
+        """Cell i's logits [B, classes] from its predecessor's class [B] (-1 for cell 0), the
+        words' (keys, values) and `cache`, each block's (keys, values) [B, N, heads, head
+        width] of the cells so far (cell i's are written at row i); returns (logits, cache)."""
+        length, n = word_mask.shape[1], cache[0][0].shape[1]
+        h = self._cells(previous)[:, None] + jax.lax.dynamic_slice_in_dim(
+            self.positions, length + i, 1)[None]
+        mask = jnp.concatenate([word_mask, jnp.broadcast_to(jnp.arange(n) <= i,
+                                                            (word_mask.shape[0], n))], 1)
+        new_cache = []
+        for b in range(self.config.layers):
+            keys, values = cache[b]
+            q, k, v = getattr(self, f"block{b}_attn").qkv(getattr(self, f"block{b}_ln_1")(h))
+            keys = jax.lax.dynamic_update_slice_in_dim(keys, k, i, 1)
+            values = jax.lax.dynamic_update_slice_in_dim(values, v, i, 1)
+            new_cache.append((keys, values))
+            kk = jnp.concatenate([word_kv[b][0], keys], 1)
+            vv = jnp.concatenate([word_kv[b][1], values], 1)
+            h = h + getattr(self, f"block{b}_attn")(q, kk, vv, mask[:, None, None, :])
+            a = getattr(self, f"block{b}_ln_2")(h)
+            h = h + getattr(self, f"block{b}_proj")(nn.gelu(getattr(self, f"block{b}_fc")(a)))
+        return self._logits(h[:, 0]), new_cache
 
 
 def loss(model, params, words, word_mask, layout):
@@ -190,18 +275,26 @@ def sample(model, params, words, word_mask, keys, temperature: float = 1.0):
     """int32 [B, res * res] layouts, one cell at a time; row b's cells drawn from keys[b] alone
     (folded with the cell's index), so a layout does not depend on its batch. `temperature`
     (a Python number) divides the logits; 0 takes each cell's likeliest class."""
-    n = model.config.res * model.config.res
+    c = model.config
+    n, b = c.res * c.res, words.shape[0]
+    apply = functools.partial(model.apply, {"params": params})
+    word_kv = apply(words, word_mask, method=LayoutModel.encode_words)
+    empty = jnp.zeros((b, n, c.num_heads, c.width // c.num_heads), words.dtype)
+    cache = [(empty, empty) for _ in range(c.layers)]
 
-    def cell(i, layout):
-        logits = model.apply({"params": params}, words, word_mask, layout)[:, i]
+    def cell(i, carry):
+        layout, cache = carry
+        previous = jnp.where(i == 0, -1, layout[:, jnp.maximum(i - 1, 0)])
+        logits, cache = apply(i, previous, word_kv, word_mask, cache,
+                              method=LayoutModel.decode_cell)
         if temperature == 0:
             draw = jnp.argmax(logits, -1)
         else:
             draw = jax.vmap(lambda k, l: jax.random.categorical(
                 jax.random.fold_in(k, i), l / temperature))(keys, logits)
-        return layout.at[:, i].set(draw.astype(jnp.int32))
+        return layout.at[:, i].set(draw.astype(jnp.int32)), cache
 
-    return jax.lax.fori_loop(0, n, cell, jnp.zeros((words.shape[0], n), jnp.int32))
+    return jax.lax.fori_loop(0, n, cell, (jnp.zeros((b, n), jnp.int32), cache))[0]
 
 
 def relation_right(layouts: np.ndarray, captions, res: int = RES) -> np.ndarray:
