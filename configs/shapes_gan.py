@@ -3,10 +3,10 @@
     python train.py --config configs/shapes_gan.py --workdir runs/shapes [key=value ...]
 
 Stages (each resumable, in workdir/<stage>): `clip` (exactly configs/shapes_clip.py), then the
-diffusion `prior` (unCLIP's, as configs/shapes_unclip.py trains it), the `layout` model
-(caption -> 8x8 map of where each named object goes) and the GAN `decoder` on the frozen CLIP,
-then `refine`, a short fine-tune of the decoder's generator that also reads the layout; then
-workdir/model.npz.
+diffusion `prior` (unCLIP's, as configs/shapes_unclip.py trains it) and the GAN `decoder` on the
+frozen CLIP, then `refine`, a short fine-tune of the decoder's generator; then workdir/model.npz.
+configs/shapes_gan_layout.py adds a `layout` stage (caption -> 8x8 map of where each named
+object goes) that the refine stage's generator reads.
 Override a stage's field by its path, e.g. decoder.total_steps=500 or clip.optim.lr=2e-3.
 """
 
@@ -59,14 +59,14 @@ def layout_stage():
     Transformer over the CLIP's token embeddings, as `benchmarks/layout_probe.py` measured it
     (width 96, 3 layers, AdamW at 1e-3, batches of 64 with two-object scenes three times as
     often, ~56% of the batch, as the probe's 60%)."""
-    p = ml_collections.ConfigDict(_common("layout", total_steps=5000, global_batch=64, lr=1e-3,
+    p = ml_collections.ConfigDict(_common("layout", total_steps=4000, global_batch=64, lr=1e-3,
                                           ema_decay=0.0))
     p.optim.weight_decay = 0.01
     p.optim.warmup_steps = 200
     p.optim.final_lr_fraction = 0.0
     p.data.oversample = "two objects:3"
     p.model = dict(width=96, layers=3, num_heads=4)
-    p.eval_every = 1000
+    p.eval_every = 2000
     p.eval = dict(num_examples=600, use_ema=False, temperature=1.0)
     return p
 
@@ -185,12 +185,7 @@ def get_config():
     # blobs along the right row or column (benchmarks/RESULTS.md, session 31).
     # Its block holds what differs from the decoder's; every other field is the decoder's
     # (overrides of decoder.* reach it too), but where the parameters come from.
-    # model.layout: the refine stage's generator also reads the prompt's layout, drawn by the
-    # layout stage (`c.layout`), the real pictures' own in training, none for 30% of the
-    # training pictures so that it still draws from an image vector alone (variations, edits).
     c.refine = dict(total_steps=2400, optim=dict(lr=3e-3),
-                    data=dict(seed=1, oversample="small star:10,small diamond:10,two objects:3"),
-                    loss=dict(reconstruction_shift=1),
-                    model=dict(layout=True, layout_drop_prob=0.3, layout_lr_mul=10.0))
-    c.layout = layout_stage()
+                    data=dict(seed=1, oversample="small star:10,small diamond:10"),
+                    loss=dict(reconstruction_shift=1))
     return c

@@ -107,7 +107,7 @@ def write_config(tmp_path, base: str, body: str) -> str:
      "unknown config field 'optim.learning_rate'; valid here: optim.lr, optim.warmup_steps"),
     (CLIP_CONFIG, "c['data']['global_bach'] = 8",
      "unknown config field 'data.global_bach' (did you mean data.global_batch?)"),
-    (CLIP_CONFIG, "c['family'] = 'vae'", "valid families: clip, prior, gan, diffusion_prior, diffusion_decoder, pipeline"),
+    (CLIP_CONFIG, "c['family'] = 'vae'", "valid families: clip, prior, gan, layout, diffusion_prior, diffusion_decoder, pipeline"),
     (CLIP_CONFIG, "del c['family']", "config has no family field"),
     (CLIP_CONFIG, "c['sharding']['rules'] = [('x',)]", "sharding.rules[0] must be a (str,"),
     (GAN_CONFIG, "c['decoder']['model']['channels'] = (16, 'x')",

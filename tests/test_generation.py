@@ -23,32 +23,26 @@ from dalle_jax.train.gan import GANTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAN_CONFIG = os.path.join(ROOT, "configs/shapes_gan.py")
+LAYOUT_CONFIG = os.path.join(ROOT, "configs/shapes_gan_layout.py")
 # configs/shapes_gan.py made small; its prior is the diffusion one (DIFFUSION_PRIOR), and
 # small_config swaps in the flow prior (FLOW_PRIOR) unless asked for the config's own.
 SMALL = ["clip.model.variant=micro", "clip.data.image_size=16", "prior.data.image_size=16",
          "decoder.data.image_size=16", "decoder.model.channels=(16,16,8)",
          "decoder.model.d_channels=(8,16,16)", "prior.model.width=32", "prior.model.depth=1",
          "decoder.model.w_dim=16", "decoder.model.z_dim=8"]
-# The layout stage, which comes with the refine stage (its generator reads the layouts).
+# configs/shapes_gan_layout.py's layout stage, made small.
 SMALL_LAYOUT = ["layout.data.image_size=16", "layout.model.width=32", "layout.model.layers=1"]
 FLOW_PRIOR = ["prior.model.sample_steps=4"]
 DIFFUSION_PRIOR = ["prior.model.num_heads=2", "prior.eval.sample_steps=2"]
 
 
-def small_config(*overrides, prior: str = "flow", refine: bool = False,
-                 layout: bool | None = None):
+def small_config(*overrides, prior: str = "flow", refine: bool = False, layout: bool = False):
     """The GAN pipeline config, small, with the flow prior or (prior="diffusion") the
-    config's own diffusion prior; without its refine stage unless asked for, and without the
-    layout stage (and the refine generator's layout input) unless `layout` (by default: with
-    the refine stage)."""
-    layout = refine if layout is None else layout
-    config = config_lib.load(GAN_CONFIG)
+    config's own diffusion prior; without its refine stage unless asked for; with `layout`,
+    configs/shapes_gan_layout.py's (a layout stage, read by the refine stage's generator)."""
+    config = config_lib.load(LAYOUT_CONFIG if layout else GAN_CONFIG)
     if not refine:
         del config.refine
-    if not layout:
-        del config.layout
-        if refine:
-            config.refine.model.layout = False
     if prior == "flow":
         config.prior = config_lib.sibling_module(GAN_CONFIG, "shapes_gan.py").flow_prior()
     return config_lib.validate(config_lib.apply_overrides(
@@ -471,19 +465,18 @@ def test_images_load_any_mode(tmp_path):
 
 
 def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
-    """train.py on the pipeline config: five stages, each resumable, then a loadable model
-    holding the refine stage's generator and the layout model it reads."""
-    overrides = SMALL + SMALL_LAYOUT + DIFFUSION_PRIOR + [
-        f"{s}.{k}" for s in ("clip", "prior", "layout", "decoder")
-        for k in ("total_steps=2", "eval_every=0", "progress_bar=False", "checkpoint_every=1",
-                  "data.global_batch=8")] + [
+    """train.py on the pipeline config: four stages, each resumable, then a loadable model
+    holding the refine stage's generator."""
+    overrides = SMALL + DIFFUSION_PRIOR + [f"{s}.{k}" for s in ("clip", "prior", "decoder")
+                         for k in ("total_steps=2", "eval_every=0", "progress_bar=False",
+                                   "checkpoint_every=1", "data.global_batch=8")] + [
         "refine.total_steps=2"]  # the rest of refine's fields follow the decoder's
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
            os.path.join(ROOT, "configs/shapes_gan.py"), "--workdir", str(tmp_path), *overrides]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    for stage in ("clip", "prior", "layout", "decoder", "refine"):
+    for stage in ("clip", "prior", "decoder", "refine"):
         assert os.path.isdir(tmp_path / stage / "checkpoints" / "2"), stage
     model = tmp_path / "model.npz"
     first = model.stat().st_mtime_ns
@@ -499,10 +492,7 @@ def test_train_py_runs_every_stage_resumes_and_writes_a_model(tmp_path):
     refine = meta["configs"]["refine"]  # its whole config: its own fields over the decoder's
     assert (refine["total_steps"], refine["data"]["global_batch"], refine["optim"]["lr"],
             refine["loss"]["reconstruction_shift"]) == (2, 8, 3e-3, 1)
-    assert refine["model"] == {**meta["configs"]["decoder"]["model"], "layout": True,
-                               "layout_drop_prob": 0.3, "layout_lr_mul": 10.0}
-    assert "b8_layout" in params["generator"]["synthesis"] and "layout" in params
-    assert meta["configs"]["layout"]["total_steps"] == 2
+    assert refine["model"] == meta["configs"]["decoder"]["model"]
 
 
 def test_a_new_decoder_on_a_model_files_clip_and_prior(tmp_path, model_file):
@@ -541,7 +531,7 @@ def test_refine_fine_tunes_an_imported_decoders_generator(tmp_path, model_file):
     imports = [f"{part}.import_from={model_file}" for part in ("clip", "prior", "decoder")]
     config = small_config(*imports, "refine.total_steps=1", "refine.optim.lr=0.0",
                           "refine.eval_every=0", "refine.progress_bar=False",
-                          "refine.data.global_batch=8", refine=True, layout=False)
+                          "refine.data.global_batch=8", refine=True)
     path = stages.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["model.npz", "refine"]  # nothing else trained
     _, old = bundle.load(model_file)
@@ -576,7 +566,7 @@ def test_a_refine_stage_may_add_caption_layers_that_start_as_the_identity(tmp_pa
     from dalle_jax.train.gan import with_added_layers
     config = small_config("refine.model.cross_attention_res=(8,)",
                           "refine.model.text_reader_layers=1", "refine.model.caption_to_w=True",
-                          refine=True, layout=False)
+                          refine=True)
     _, params = bundle.load(model_file)
     refine = config_lib.stage_config(config, "refine")
     task = GANTask(refine, params["clip"], config.clip, initial_generator=params["generator"])

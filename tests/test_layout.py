@@ -68,7 +68,7 @@ def test_targets_place_each_named_object_and_the_background(size):
 
 
 def test_layout_model_is_causal_and_sampling_is_per_key():
-    task_config = small_config(refine=True).layout
+    task_config = small_config(refine=True, layout=True).layout
     model = LayoutTask(task_config, None, small_config().clip).model
     words = jax.random.normal(jax.random.PRNGKey(0), (3, 16, model.config.token_dim))
     mask = jnp.arange(16)[None] < jnp.array([[9], [12], [7]])
@@ -121,7 +121,7 @@ def test_layout_model_is_causal_and_sampling_is_per_key():
 def test_layout_training_learns_a_batch():
     """The layout task's gradient lowers its loss on a fixed batch of real pictures (targets
     read inside the step, words from the frozen CLIP's token embeddings)."""
-    config = small_config(refine=True)
+    config = small_config(refine=True, layout=True)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     task = LayoutTask(config.layout, clip_params, config.clip)
     params = task.init_params(jax.random.PRNGKey(1))
@@ -184,7 +184,7 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
     """A model file with a layout stage: prompts are drawn through a sampled layout (a file
     whose layout model differs draws other pictures from the same seed), per key as before;
     variations decode without one; a decoder that reads layouts needs the layout model."""
-    config = small_config(refine=True)
+    config = small_config(refine=True, layout=True)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
         jax.random.PRNGKey(1))
@@ -218,12 +218,12 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
 
 
 def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():
-    config = small_config(refine=True)
+    config = small_config(refine=True, layout=True)
     with config.unlocked():
         del config.layout
     with pytest.raises(config_lib.ConfigError, match="needs a layout stage"):
         config_lib.validate(config)
-    config = small_config(refine=True)
+    config = small_config(refine=True, layout=True)
     with pytest.raises(config_lib.ConfigError, match="read by no decoder"):
         config_lib.validate(config_lib.apply_overrides(config, ["refine.model.layout=False"]))
     with pytest.raises(ValueError, match="captioned shapes"):
@@ -236,3 +236,25 @@ def test_an_old_model_file_without_a_layout_stage_still_loads(tmp_path):
     pipe = Pipeline.load(path, batch_size=2)
     assert "layout_temperature" not in pipe.options()
     assert pipe.generate(["a red circle"]).shape == (1, 16, 16, 3)
+
+
+def test_the_layout_config_trains_its_stages_and_writes_a_model_that_reads_them(tmp_path):
+    """configs/shapes_gan_layout.py on a model file's CLIP, prior and decoder: the layout stage
+    and the refine stage train (a few steps), and the model file holds the layout model and
+    a generator with layout inputs, which the Pipeline draws through."""
+    source = write_random_model(str(tmp_path / "source"))
+    run = [f"{stage}.{k}" for stage in ("layout", "refine")
+           for k in ("total_steps=2", "eval_every=0", "progress_bar=False",
+                     "data.global_batch=8")]
+    config = small_config(*[f"{part}.import_from={source}" for part in ("clip", "prior",
+                                                                        "decoder")],
+                          *run, refine=True, layout=True)
+    path = stages.run(config, str(tmp_path / "work"))
+    assert sorted(os.listdir(tmp_path / "work")) == ["layout", "model.npz", "refine"]
+    meta, params = bundle.load(path)
+    assert meta["configs"]["layout"]["total_steps"] == 2 and "layout" in params
+    assert meta["configs"]["refine"]["model"]["layout"] is True
+    assert "b8_layout" in params["generator"]["synthesis"]
+    pipe = Pipeline.load(path, batch_size=2)
+    assert pipe.generate(["a red circle above a blue star"], num_per_prompt=2).shape == (
+        2, 16, 16, 3)

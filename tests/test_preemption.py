@@ -216,11 +216,7 @@ def test_sigterm_inside_the_pipeline_stops_its_stage_and_the_rerun_finishes(tmp_
                  + [f"decoder.{o}" for o in stage] + [
                      "decoder.total_steps=2", "decoder.model.channels=(16, 16, 8)",
                      "decoder.model.d_channels=(8, 16, 16)", "decoder.model.z_dim=8",
-                     "decoder.model.w_dim=16", "refine.total_steps=1"]
-                 + [f"layout.{o}" for o in stage] + ["layout.total_steps=2",
-                                                     "layout.data.image_size=16",
-                                                     "layout.model.width=32",
-                                                     "layout.model.layers=1"])
+                     "decoder.model.w_dim=16", "refine.total_steps=1"])
     command = [sys.executable, "train.py", "--config",
                os.path.join(ROOT, "configs", "shapes_gan.py"), "--workdir", str(workdir),
                *overrides]
