@@ -364,7 +364,7 @@ def _check_layout(config, where: str):
              and bool(stage_config(config, last).model.get("layout", False)))
     if reads and "layout" not in config:
         raise ConfigError(f"{where}{last}.model.layout=True needs a layout stage (a `layout` "
-                          "block: configs/shapes_gan.py layout_stage()) to draw the prompts' "
+                          "block, as configs/shapes_gan_layout.py has) to draw the prompts' "
                           "layouts")
     if "layout" in config and not reads:
         raise ConfigError(f"{where}the layout stage's layouts would be read by no decoder: set "

@@ -93,10 +93,10 @@ class GANConfig:
     # learns from the reconstruction terms alone, at about 0.8x the step time).
     d_resolution: int = 0
     # Layout classes (`models/layout.py`; 0: no layout input). With them the synthesis network
-    # also reads a layout [B, layout_res ** 2] of cell classes (a row of -1: none): its one-hot
-    # map, resized to each level, through a 1x1 convolution added to the features, so the
-    # caption's placement and its colour-shape pairs reach the pixels where the image vector
-    # leaves them open (two objects). `layout_drop_prob` of training rows get none, so that the
+    # also reads a layout [B, layout_res ** 2] of cell classes (a row of -1: none): each cell's
+    # colour and shape one-hot, resized to each level, through a 1x1 convolution added to the
+    # features (`LayoutInput`), so the caption's placement and its colour-shape pairs reach
+    # the pixels where the image vector leaves them open (two objects). `layout_drop_prob` of training rows get none, so that the
     # decoder also draws from an image vector alone (variations, interpolation, edits).
     layout_classes: int = 0
     layout_res: int = 8
@@ -467,9 +467,9 @@ def layout_maps(layout, config: GANConfig):
 
 class LayoutInput(nn.Module):
     """A 1x1 convolution of a level's layout map (an embedding of each cell's colour plus one
-    of its shape), added to
-    its features; no bias, so a row with no layout (zeros) adds nothing (a fine-tune that adds
-    it starts it at zero). Its weight is scaled at run time by lr_mul / sqrt(classes)."""
+    of its shape), added to its features; no bias, so a row with no layout (zeros) adds
+    nothing (a fine-tune that adds it starts it at zero). Its weight is scaled at run time by
+    lr_mul / sqrt(channels in)."""
 
     lr_mul: float = 1.0
     dtype: Any = jnp.float32
