@@ -41,6 +41,7 @@ from dalle_jax.models import gan as gan_lib
 from dalle_jax.models import layout as layout_lib
 from dalle_jax.tokenizer import Tokenizer
 from dalle_jax.train import clip as clip_family
+from dalle_jax.train import layout as layout_family
 
 # Each generator's sampling options and their defaults (`variations` overrides some: a
 # variation is drawn with fresh noise, so DDIM runs with eta 1 there, as unCLIP's paper does).
@@ -171,7 +172,6 @@ class GANGenerator:
             if "layout" not in configs:
                 raise bundle.BundleError("the model's decoder reads a layout, but the file "
                                          "holds no layout model")
-            from dalle_jax.train import layout as layout_family
             self.layout_model = layout_family.build_model(configs["layout"], clip_config)
             self.option_names += ("layout_temperature",)
 
@@ -197,7 +197,6 @@ class GANGenerator:
         cell's likeliest class), else None."""
         if self.layout_model is None:
             return None
-        from dalle_jax.train import layout as layout_family
         words, mask = layout_family.words_of(p["clip"], tokens)
         return layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
                                  options["layout_temperature"])

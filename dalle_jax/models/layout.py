@@ -195,13 +195,13 @@ class LayoutModel(nn.Module):
         self.head_colour = nn.Dense(NUM_COLOURS)
         self.head_shape = nn.Dense(NUM_SHAPES)
 
-    def _block(self, i, h, mask, keys_before=None):
-        """Block i on h; its attention sees `keys_before` ((keys, values) of earlier
-        positions, or None) then h's own. Returns (h, (h's keys, h's values))."""
+    def _block(self, i, h, mask, extend=lambda k, v: (k, v)):
+        """Block i on h. Its attention reads the keys and values `extend` makes of h's own (by
+        default those alone; the sampler's adds the words' and the cells' kept so far).
+        Returns (h, the (keys, values) attended to)."""
         q, k, v = getattr(self, f"block{i}_attn").qkv(getattr(self, f"block{i}_ln_1")(h))
-        kk, vv = (k, v) if keys_before is None else (
-            jnp.concatenate([keys_before[0], k], 1), jnp.concatenate([keys_before[1], v], 1))
-        h = h + getattr(self, f"block{i}_attn")(q, kk, vv, mask)
+        k, v = extend(k, v)
+        h = h + getattr(self, f"block{i}_attn")(q, k, v, mask)
         a = getattr(self, f"block{i}_ln_2")(h)
         return h + getattr(self, f"block{i}_proj")(nn.gelu(getattr(self, f"block{i}_fc")(a))), (k, v)
 
@@ -251,16 +251,12 @@ class LayoutModel(nn.Module):
                                                             (word_mask.shape[0], n))], 1)
         new_cache = []
         for b in range(self.config.layers):
-            keys, values = cache[b]
-            q, k, v = getattr(self, f"block{b}_attn").qkv(getattr(self, f"block{b}_ln_1")(h))
-            keys = jax.lax.dynamic_update_slice_in_dim(keys, k, i, 1)
-            values = jax.lax.dynamic_update_slice_in_dim(values, v, i, 1)
-            new_cache.append((keys, values))
-            kk = jnp.concatenate([word_kv[b][0], keys], 1)
-            vv = jnp.concatenate([word_kv[b][1], values], 1)
-            h = h + getattr(self, f"block{b}_attn")(q, kk, vv, mask[:, None, None, :])
-            a = getattr(self, f"block{b}_ln_2")(h)
-            h = h + getattr(self, f"block{b}_proj")(nn.gelu(getattr(self, f"block{b}_fc")(a)))
+            def extend(k, v, b=b):  # the words', then the cells' with cell i's written in
+                kept = [jax.lax.dynamic_update_slice_in_dim(c, x, i, 1)
+                        for c, x in zip(cache[b], (k, v))]
+                return tuple(jnp.concatenate([w, c], 1) for w, c in zip(word_kv[b], kept))
+            h, (keys, values) = self._block(b, h, mask[:, None, None, :], extend)
+            new_cache.append((keys[:, length:], values[:, length:]))
         return self._logits(h[:, 0]), new_cache
 
 

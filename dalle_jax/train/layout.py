@@ -90,7 +90,7 @@ def layout_report(model, params, clip_params, data_config, num_examples: int,
         right = []
         for i in one:
             o = parsed[i].objects[0]
-            present = set(np.unique(drawn[i])[np.unique(drawn[i]) >= first].tolist())
+            present = {c for c in np.unique(drawn[i]).tolist() if c >= first}
             right.append(present == {layout_lib.object_class(o.colour, o.shape)})
         report["layout/one_object_class"] = float(np.mean(right))
     return report
