@@ -181,8 +181,9 @@ def test_a_generator_reads_the_layout_and_none_is_no_layout():
 
 
 def test_a_pipeline_with_a_layout_stage(tmp_path):
-    """A model file with a layout stage: prompts are drawn through a sampled layout (a file
-    whose layout model differs draws other pictures from the same seed), per key as before;
+    """A model file with a layout stage: prompts that name two objects are drawn through a
+    sampled layout (a file whose layout model differs draws other pictures from the same
+    seed), others without one, per key as before;
     variations decode without one; a decoder that reads layouts needs the layout model."""
     config = small_config(refine=True, layout=True)
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
@@ -205,7 +206,10 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
         np.testing.assert_array_equal(Pipeline.load(path, batch_size=4).generate(
             prompts, num_per_prompt=2, seed=7), out)
         pictures.append(out)
-    assert np.abs(pictures[0].astype(int) - pictures[1]).max() > 2
+    # Only the two-object prompt is drawn through its layout: the one-object prompt's
+    # pictures are the same under either layout model.
+    assert np.abs(pictures[0][:2].astype(int) - pictures[1][:2]).max() > 2
+    np.testing.assert_array_equal(pictures[0][2:], pictures[1][2:])
     assert pipe.variations(pictures[0][:1], num=2).shape == (2, 16, 16, 3)
     assert "layout_temperature" in pipe.options()
     assert pipe.generate(prompts, seed=7, layout_temperature=0).shape == (2, 16, 16, 3)
@@ -258,3 +262,15 @@ def test_the_layout_config_trains_its_stages_and_writes_a_model_that_reads_them(
     pipe = Pipeline.load(path, batch_size=2)
     assert pipe.generate(["a red circle above a blue star"], num_per_prompt=2).shape == (
         2, 16, 16, 3)
+    # layout.import_from takes that layout model as it is (with the CLIP of the same file),
+    # and names what is wrong with a file that does not fit.
+    again = config_lib.apply_overrides(config, [f"{part}.import_from={path}" for part in (
+        "clip", "layout")])
+    imported, stored = stages.layout_from_model(again)
+    assert stored["total_steps"] == 2
+    jax.tree.map(np.testing.assert_array_equal, imported, params["layout"])
+    with pytest.raises(bundle.BundleError, match="needs clip.import_from"):
+        stages.layout_from_model(config_lib.apply_overrides(config, [f"layout.import_from={path}"]))
+    with pytest.raises(bundle.BundleError, match="holds no layout"):
+        stages.layout_from_model(config_lib.apply_overrides(
+            config, [f"{part}.import_from={source}" for part in ("clip", "layout")]))

@@ -141,6 +141,8 @@ def _section_of_model(source: str, section: str, stage_config, keys, with_config
     from dalle_jax.pipeline import model_file
     path = model_file(source)
     meta, params = bundle.load(path)
+    if section not in params:
+        raise bundle.BundleError(f"{section}.import_from={source}: {path} holds no {section}")
     stored = meta["configs"].get(section, {})
     wanted = json.loads(stage_config.to_json_best_effort())
     for key in keys:
@@ -150,8 +152,6 @@ def _section_of_model(source: str, section: str, stage_config, keys, with_config
         if a != b:
             raise bundle.BundleError(f"{section}.import_from={source} holds a {section} with "
                                      f"{section}.{key}={a!r}, not {b!r}: make the config's match")
-    if section not in params:
-        raise bundle.BundleError(f"{section}.import_from={source}: {path} holds no {section}")
     return (params[section], stored) if with_config else params[section]
 
 
