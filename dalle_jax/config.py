@@ -141,7 +141,8 @@ SCHEMAS: dict[str, dict] = {
                       "norm_groups": _opt(int, minimum=1),
                       "d_resolution": _opt(int, minimum=0), "layout": _opt(bool),
                       "layout_drop_prob": _opt(float, minimum=0),
-                      "layout_lr_mul": _opt(float, minimum=0)},
+                      "layout_lr_mul": _opt(float, minimum=0),
+                      "layout_modulate": _opt(bool)},
             "loss": {"augment": Field(str), "clip_weight": Field(float, minimum=0),
                      "clip_contrastive_weight": _opt(float, minimum=0),
                      "matching_weight": Field(float, minimum=0),
@@ -401,7 +402,8 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
 # or say how often those are hidden from them; every other weight is the decoder's.
 REFINE_MAY_ADD = ("model.cross_attention_res", "model.text_reader_layers",
                   "model.caption_to_w", "model.text_drop_prob", "model.layout",
-                  "model.layout_drop_prob", "model.layout_lr_mul")
+                  "model.layout_drop_prob", "model.layout_lr_mul",
+                  "model.layout_modulate")
 
 
 def _check_refine(config, where: str):
@@ -416,6 +418,17 @@ def _check_refine(config, where: str):
                               "the decoder stage's generator")
     decoder, refine = (_shape_of(json.loads(c.to_json_best_effort()))
                        for c in (config.decoder, stage_config(config, "refine")))
+    # Where the decoder already reads layouts, its layout inputs are trained weights, which a
+    # learning-rate multiplier (applied at run time) would rescale and a refine without
+    # their modulation would drop.
+    if config.decoder.model.get("layout", False):
+        for key, default in (("layout_lr_mul", 1.0), ("layout_modulate", False)):
+            a, b = (c.model.get(key, default) for c in (config.decoder,
+                                                          stage_config(config, "refine")))
+            if a != b:
+                raise ConfigError(f"{where}refine.model.{key}={b} differs from decoder.model."
+                                  f"{key}={a}: the decoder's layout inputs are trained; set "
+                                  f"refine.model.{key}={a}")
     for key in sorted(set(decoder) | set(refine)):
         if key in REFINE_MAY_ADD:
             continue

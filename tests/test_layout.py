@@ -157,16 +157,18 @@ def test_factors_are_a_classes_colour_and_shape():
     assert not f[2].any()  # no layout
 
 
-def test_a_generator_reads_the_layout_and_none_is_no_layout():
+@pytest.mark.parametrize("modulate", [False, True])
+def test_a_generator_reads_the_layout_and_none_is_no_layout(modulate):
     config = gan_lib.GANConfig(resolution=16, cond_dim=8, z_dim=4, w_dim=8, mapping_layers=1,
                                channels=(8, 8, 8), d_channels=(8, 8, 8), noise=False,
-                               layout_classes=layout_lib.NUM_CLASSES)
+                               layout_classes=layout_lib.NUM_CLASSES, layout_modulate=modulate)
     g = gan_lib.Generator(config)
     z, cond = jnp.ones((2, 4)), jnp.ones((2, 8))
     rng = jax.random.PRNGKey(0)
     layout = jax.random.randint(rng, (2, 64), 0, layout_lib.NUM_CLASSES)
     params = g.init(rng, z, cond, rng, layout=layout)
     assert {"b4_layout", "b8_layout", "b16_layout"} <= set(params["params"]["synthesis"])
+    assert ("scale_kernel" in params["params"]["synthesis"]["b8_layout"]) == modulate
     drawn = g.apply(params, z, cond, rng, layout=layout)
     assert np.abs(drawn - g.apply(params, z, cond, rng, layout=layout[::-1])).max() > 1e-3
     np.testing.assert_allclose(g.apply(params, z, cond, rng, layout=jnp.full((2, 64), -1)),
@@ -230,6 +232,13 @@ def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():
     config = small_config(refine=True, layout=True)
     with pytest.raises(config_lib.ConfigError, match="read by no decoder"):
         config_lib.validate(config_lib.apply_overrides(config, ["refine.model.layout=False"]))
+    # A decoder that reads layouts from its first step: the refine stage keeps its layout
+    # inputs' parametrisation (a multiplier applied at run time would rescale them).
+    grown = ["decoder.model.layout=True", "decoder.model.layout_lr_mul=2.0"]
+    config_lib.validate(config_lib.apply_overrides(
+        config, [*grown, "refine.model.layout_lr_mul=2.0"]))
+    with pytest.raises(config_lib.ConfigError, match="layout inputs are trained"):
+        config_lib.validate(config_lib.apply_overrides(config, grown))
     with pytest.raises(ValueError, match="captioned shapes"):
         LayoutTask(config_lib.apply_overrides(config, ["layout.data.name=folder"]).layout,
                    None, config.clip)

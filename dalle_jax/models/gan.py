@@ -96,14 +96,20 @@ class GANConfig:
     # also reads a layout [B, layout_res ** 2] of cell classes (a row of -1: none): each cell's
     # colour and shape one-hot, resized to each level, through a 1x1 convolution added to the
     # features (`LayoutInput`), so the caption's placement and its colour-shape pairs reach
-    # the pixels where the image vector leaves them open (two objects). `layout_drop_prob` of training rows get none, so that the
-    # decoder also draws from an image vector alone (variations, interpolation, edits).
+    # the pixels where the image vector leaves them open (two objects). `layout_drop_prob` of
+    # training rows get none, so that the decoder also draws from an image vector alone
+    # (variations, interpolation, edits).
     layout_classes: int = 0
     layout_res: int = 8
     layout_drop_prob: float = 0.0
     # The layout inputs' learning-rate multiplier (equalized learning rate, as the mapping
     # network's): a fine-tune that adds them starts them at zero beside a trained generator.
     layout_lr_mul: float = 1.0
+    # With `layout_modulate` each input also scales the features it is added to, per pixel
+    # (x * (1 + map @ W_scale) + map @ W_shift, SPADE's spatially-adaptive modulation: Park et
+    # al. 2019), so that the map can switch features off where it says background and pick
+    # a shape's features where it names one, where an addition can only add.
+    layout_modulate: bool = False
 
     def __post_init__(self):
         if self.synthesis not in ("style", "conv"):
@@ -175,7 +181,8 @@ def config_from(model: dict, resolution: int, cond_dim: int, token_dim: int) -> 
         layout_classes=layout_lib.NUM_CLASSES if model.get("layout", False) else 0,
         layout_res=layout_lib.RES,
         layout_drop_prob=model.get("layout_drop_prob", 0.0),
-        layout_lr_mul=model.get("layout_lr_mul", 1.0))
+        layout_lr_mul=model.get("layout_lr_mul", 1.0),
+        layout_modulate=model.get("layout_modulate", False))
 
 
 def _conv(x, w):
@@ -467,19 +474,25 @@ def layout_maps(layout, config: GANConfig):
 
 class LayoutInput(nn.Module):
     """A 1x1 convolution of a level's layout map (an embedding of each cell's colour plus one
-    of its shape), added to its features; no bias, so a row with no layout (zeros) adds
-    nothing (a fine-tune that adds it starts it at zero). Its weight is scaled at run time by
-    lr_mul / sqrt(channels in)."""
+    of its shape), added to its features (with `modulate`, a second one scaling them first);
+    no bias, so a row with no layout (zeros) changes nothing (a fine-tune that adds it starts
+    it at zero). Its weights are scaled at run time by lr_mul / sqrt(channels in)."""
 
     lr_mul: float = 1.0
     dtype: Any = jnp.float32
+    modulate: bool = False
 
     @nn.compact
     def __call__(self, x, layout_map):
         k = layout_map.shape[-1]
-        w = self.param("kernel", nn.initializers.normal(1.0 / self.lr_mul), (k, x.shape[-1]))
-        y = layout_map.astype(self.dtype) @ (w * (self.lr_mul / np.sqrt(k))).astype(self.dtype)
-        return x + y.astype(x.dtype)
+        m = layout_map.astype(self.dtype)
+
+        def conv(name):
+            w = self.param(name, nn.initializers.normal(1.0 / self.lr_mul), (k, x.shape[-1]))
+            return (m @ (w * (self.lr_mul / np.sqrt(k))).astype(self.dtype)).astype(x.dtype)
+        if self.modulate:
+            x = x * (1 + conv("scale_kernel"))
+        return x + conv("kernel")
 
 
 class SynthesisLayer(nn.Module):
@@ -528,7 +541,8 @@ class SynthesisNetwork(nn.Module):
                 x = SynthesisLayer(ch, c.noise, self.dtype, upsample=nearest,
                                    name=f"b{res}_conv0")(x if nearest else up(x), w, keys[2 * i])
             if maps is not None:
-                x = LayoutInput(c.layout_lr_mul, self.dtype, name=f"b{res}_layout")(x, maps[res])
+                x = LayoutInput(c.layout_lr_mul, self.dtype, c.layout_modulate,
+                                name=f"b{res}_layout")(x, maps[res])
             if res in c.cross_attention_res and tokens is not None:
                 x = CrossAttention(dtype=self.dtype, name=f"b{res}_xattn")(x, tokens, token_mask)
             x = SynthesisLayer(ch, c.noise, self.dtype, name=f"b{res}_conv1")(x, w, keys[2 * i + 1])
@@ -579,7 +593,8 @@ class ConvSynthesisNetwork(nn.Module):
             if i > 0:
                 x = up(x)
             if maps is not None:
-                x = LayoutInput(c.layout_lr_mul, self.dtype, name=f"b{res}_layout")(x, maps[res])
+                x = LayoutInput(c.layout_lr_mul, self.dtype, c.layout_modulate,
+                                name=f"b{res}_layout")(x, maps[res])
             for j in range(2):
                 x = ConditionalNormConv(ch, c.norm_groups, self.dtype,
                                         name=f"b{res}_conv{j}")(x, w)
