@@ -203,11 +203,16 @@ class GANGenerator:
         to 77.2 / 63.8% through one: benchmarks/RESULTS.md, session 33)."""
         if self.layout_model is None:
             return None
-        words, mask = layout_family.words_of(p["clip"], tokens)
-        layout = layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
-                                   options["layout_temperature"])
         several = layout_lib.named_objects(tokens)[0].sum(-1) >= 2
-        return jnp.where(several[:, None], layout, -1)
+
+        def draw(_):
+            words, mask = layout_family.words_of(p["clip"], tokens)
+            layout = layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
+                                       options["layout_temperature"])
+            return jnp.where(several[:, None], layout, -1)
+        none = jnp.full((tokens.shape[0], self.gan_config.layout_res ** 2), -1, jnp.int32)
+        # A batch without such a prompt skips the sampler (64 steps, one per cell).
+        return jax.lax.cond(several.any(), draw, lambda _: none, None)
 
     def caption_features(self, p, tokens, features):
         """What the decoder's caption layers read: the CLIP's final token `features`, or its

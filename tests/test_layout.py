@@ -205,6 +205,9 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
         assert out.shape == (4, 16, 16, 3) and out.dtype == np.uint8
         np.testing.assert_array_equal(pipe.generate(prompts[:1], num_per_prompt=2, seed=7),
                                       out[:2])
+        # A batch of one-object prompts alone skips the layout sampler, to the same pictures.
+        np.testing.assert_array_equal(pipe.generate(prompts[::-1], num_per_prompt=2, seed=7)[:2],
+                                      pipe.generate(prompts[1:], num_per_prompt=2, seed=7))
         np.testing.assert_array_equal(Pipeline.load(path, batch_size=4).generate(
             prompts, num_per_prompt=2, seed=7), out)
         pictures.append(out)
