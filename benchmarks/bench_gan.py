@@ -61,9 +61,12 @@ def bench_stage(stage: str, steps: int, overrides: tuple[str, ...] = (), config:
                 flops=flops, gflops_per_s=flops / step_time / 1e9, family=stage_config.family)
 
 
-def bench_sampling(pipe_path: str | None, batch: int, reps: int):
+def bench_sampling(pipe_path: str | None, batch: int, reps: int,
+                   prompt: str = "a large red circle in the top left"):
+    """Images/s drawing `batch` copies of `prompt` (median of `reps`, after compiling). A
+    model with a layout stage samples a layout only for prompts that name two objects."""
     pipe = Pipeline.load(pipe_path, batch_size=batch)
-    prompts = ["a large red circle in the top left"] * batch
+    prompts = [prompt] * batch
     pipe.generate(prompts, seed=0)  # compile
     times = []
     for r in range(reps):
