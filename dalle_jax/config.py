@@ -416,15 +416,15 @@ def _check_refine(config, where: str):
         if config.refine.get(key):
             raise ConfigError(f"{where}refine.{key} cannot be set: the refine stage starts from "
                               "the decoder stage's generator")
+    refine_config = stage_config(config, "refine")
     decoder, refine = (_shape_of(json.loads(c.to_json_best_effort()))
-                       for c in (config.decoder, stage_config(config, "refine")))
+                       for c in (config.decoder, refine_config))
     # Where the decoder already reads layouts, its layout inputs are trained weights, which a
     # learning-rate multiplier (applied at run time) would rescale and a refine without
     # their modulation would drop.
     if config.decoder.model.get("layout", False):
         for key, default in (("layout_lr_mul", 1.0), ("layout_modulate", False)):
-            a, b = (c.model.get(key, default) for c in (config.decoder,
-                                                          stage_config(config, "refine")))
+            a, b = (c.model.get(key, default) for c in (config.decoder, refine_config))
             if a != b:
                 raise ConfigError(f"{where}refine.model.{key}={b} differs from decoder.model."
                                   f"{key}={a}: the decoder's layout inputs are trained; set "
