@@ -161,7 +161,8 @@ SCHEMAS: dict[str, dict] = {
     # as it is)
     "layout": {**_TRAINING, "import_from": _opt(str),
                "model": {"width": Field(int, minimum=1), "layers": Field(int, minimum=1),
-                         "num_heads": Field(int, minimum=1)},
+                         "num_heads": Field(int, minimum=1), "vector": _opt(bool),
+                         "text_drop_prob": _opt(float, minimum=0)},
                "eval": {"num_examples": Field(int, minimum=1), "use_ema": Field(bool),
                         "temperature": _opt(float, minimum=0)}},
     # dalle_jax/train/unclip.py (model fields: models/prior.py DiffusionPriorConfig and

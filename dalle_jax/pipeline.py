@@ -168,11 +168,15 @@ class GANGenerator:
         # The layout stage (`models/layout.py`): where the decoder reads a layout, the prompt's
         # is sampled by the file's layout model.
         self.layout_model = None
+        self.layout_from_vector_alone = False
         if self.gan_config.layout_classes:
             if "layout" not in configs:
                 raise bundle.BundleError("the model's decoder reads a layout, but the file "
                                          "holds no layout model")
             self.layout_model = layout_family.build_model(configs["layout"], clip_config)
+            self.layout_from_vector_alone = bool(
+                self.layout_model.config.vector_dim
+                and configs["layout"]["model"].get("text_drop_prob"))
             self.option_names += ("layout_temperature",)
 
     @staticmethod
@@ -192,21 +196,32 @@ class GANGenerator:
         return flow_prior.sample(self.prior, p["prior"], text_embed, features, mask, keys,
                                  temperature=options["prior_temperature"])
 
-    def sample_layout(self, p, tokens, keys, options):
-        """The prompts' layouts [B, cells] where the decoder reads one (temperature 0: each
-        cell's likeliest class), else None.
+    def sample_layout(self, p, tokens, keys, options, embed=None):
+        """The layouts [B, cells] the decoder reads where it reads one (temperature 0: each
+        cell's likeliest class), else None; `tokens` [B, L] (all padding: a decode from image
+        vectors alone), `embed` [B, E] the image vectors the decoder draws from.
 
-        Only a prompt that names two objects or more gets one (the others a row of -1, no
-        layout, as in training): a lone object's colour and shape are in the image vector,
-        and a layout sampled apart from that vector disagrees with it where the caption
-        leaves the place, size or background open (one-object prompts fell from 90.6 / 82.8%
-        to 77.2 / 63.8% through one: benchmarks/RESULTS.md, session 33)."""
+        A layout model that reads the image vector (`layout.model.vector`) draws every
+        picture's layout given that vector, so that the two agree; one trained with its
+        caption sometimes dropped (`text_drop_prob`) also draws one for a decode from a vector
+        alone (variations, interpolation, edits: `layout_from_vector_alone`), the others leave
+        those without one.
+
+        A layout model that reads the caption alone draws one only for a prompt that names two
+        objects or more (the others get a row of -1, no layout, as in training): a lone
+        object's colour and shape are in the image vector, and a layout sampled apart from
+        that vector disagrees with it where the caption leaves the place, size or background
+        open (one-object prompts fell from 90.6 / 82.8% to 77.2 / 63.8% through one:
+        benchmarks/RESULTS.md, session 33)."""
         if self.layout_model is None:
             return None
+        words, mask = layout_family.words_of(p["clip"], tokens)
+        if self.layout_model.config.vector_dim:
+            return layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
+                                     options["layout_temperature"], vector=embed)
         several = layout_lib.named_objects(tokens)[0].sum(-1) >= 2
 
         def draw(_):
-            words, mask = layout_family.words_of(p["clip"], tokens)
             layout = layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
                                        options["layout_temperature"])
             return jnp.where(several[:, None], layout, -1)
@@ -286,7 +301,9 @@ class UnCLIPGenerator:
     def caption_features(self, p, tokens, features):
         return features
 
-    def sample_layout(self, p, tokens, keys, options):
+    layout_from_vector_alone = False
+
+    def sample_layout(self, p, tokens, keys, options, embed=None):
         return None
 
     def decode(self, p, embed, features, mask, keys, options, layout=None):
@@ -525,7 +542,13 @@ class Pipeline:
                 b, length = embed.shape[0], self.context_length
                 features = jnp.zeros((b, length, self.clip.config.text_width), jnp.float32)
                 mask = jnp.zeros((b, length), bool)  # no caption: the decoder sees none
-                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options))
+                layout = None
+                if gen.layout_from_vector_alone:  # keyed as a prompt's (below)
+                    layout = gen.sample_layout(
+                        p, jnp.zeros((b, length), jnp.int32),
+                        jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys), options, embed)
+                return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options,
+                                            layout))
         else:
             def fn(p, tokens, keys):
                 text_embed, features, mask = self._encode_text(p, tokens)
@@ -539,7 +562,7 @@ class Pipeline:
                 # Keyed apart from the prior and the decoder (fold_in, not a third split, so
                 # that their keys stay those of models without a layout stage).
                 layout = gen.sample_layout(p, tokens, jax.vmap(
-                    lambda k: jax.random.fold_in(k, 3))(keys), options)
+                    lambda k: jax.random.fold_in(k, 3))(keys), options, embed)
                 return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options,
                                             layout))
         self._compiled[cache_key] = jax.jit(fn)

@@ -67,28 +67,39 @@ def test_targets_place_each_named_object_and_the_background(size):
         assert classes & set(range(3)) == {layout_lib.BACKGROUNDS.index(scene.background)}
 
 
-def test_layout_model_is_causal_and_sampling_is_per_key():
-    task_config = small_config(refine=True, layout=True).layout
+@pytest.mark.parametrize("vector", [False, True])
+def test_layout_model_is_causal_and_sampling_is_per_key(vector):
+    """With `vector`, the model also reads an image vector (one more word before the
+    caption's): every path below reads it alike."""
+    task_config = config_lib.apply_overrides(small_config(refine=True, layout=True),
+                                             [f"layout.model.vector={vector}"]).layout
     model = LayoutTask(task_config, None, small_config().clip).model
     words = jax.random.normal(jax.random.PRNGKey(0), (3, 16, model.config.token_dim))
     mask = jnp.arange(16)[None] < jnp.array([[9], [12], [7]])
     n = model.config.res ** 2
     layout = jax.random.randint(jax.random.PRNGKey(1), (3, n), 0, layout_lib.NUM_CLASSES)
-    params = model.init(jax.random.PRNGKey(2), words, mask, layout)["params"]
-    logits = model.apply({"params": params}, words, mask, layout)
+    vec = jax.random.normal(jax.random.PRNGKey(4), (3, model.config.vector_dim)) if vector else None
+    params = model.init(jax.random.PRNGKey(2), words, mask, layout, vec)["params"]
+    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+    forward = lambda w, m, lay, v=vec: apply(w, m, lay, v)  # noqa: E731
+    logits = forward(words, mask, layout)
     assert logits.shape == (3, n, layout_lib.NUM_CLASSES)
+    if vector:  # the vector is read (as its direction), and a model that reads one needs it
+        moved = forward(words, mask, layout, vec.at[0, 0].add(3.0))
+        assert np.abs(moved[0] - logits[0]).max() > 1e-3
+        np.testing.assert_allclose(moved[1:], logits[1:], atol=1e-5)
+        np.testing.assert_allclose(forward(words, mask, layout, 2 * vec), logits, atol=1e-4)
+        with pytest.raises(ValueError, match="reads an image vector"):
+            forward(words, mask, layout, None)
     # Cell i's logits see only the cells before it ...
     changed = layout.at[:, 40:].set(0)
-    np.testing.assert_allclose(model.apply({"params": params}, words, mask, changed)[:, :41],
-                               logits[:, :41], atol=1e-5)
-    assert np.abs(model.apply({"params": params}, words, mask, changed)[:, 41:]
-                  - logits[:, 41:]).max() > 1e-3
+    np.testing.assert_allclose(forward(words, mask, changed)[:, :41], logits[:, :41], atol=1e-5)
+    assert np.abs(forward(words, mask, changed)[:, 41:] - logits[:, 41:]).max() > 1e-3
     # ... and the words (padding aside).
     other = words.at[0, 3].add(1.0)
-    assert np.abs(model.apply({"params": params}, other, mask, layout)[0] - logits[0]).max() > 1e-3
+    assert np.abs(forward(other, mask, layout)[0] - logits[0]).max() > 1e-3
     padded = words.at[0, 10].add(1.0)  # past row 0's 9 tokens
-    np.testing.assert_allclose(model.apply({"params": params}, padded, mask, layout)[0],
-                               logits[0], atol=1e-5)
+    np.testing.assert_allclose(forward(padded, mask, layout)[0], logits[0], atol=1e-5)
     # A class's logit is its colour's plus its shape's, so a pair never seen in training (red
     # triangle is held out) is as reachable as its colour and its shape are.
     k = layout_lib.object_class
@@ -97,31 +108,38 @@ def test_layout_model_is_causal_and_sampling_is_per_key():
         logits[..., k("blue", "triangle")] - logits[..., k("blue", "circle")], atol=1e-4)
     # The sampler's path (the words' keys and values once, then one cell at a time with the
     # cells' kept) gives the logits of the whole-sequence pass.
-    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
-    word_kv = apply(words, mask, method=layout_lib.LayoutModel.encode_words)
+    word_kv = apply(words, mask, vec, method=layout_lib.LayoutModel.encode_words)
+    prefix = layout_lib.prefix_mask(model.config, mask)
     empty = jnp.zeros((3, n, model.config.num_heads,
                        model.config.width // model.config.num_heads))
     cache = [(empty, empty)] * model.config.layers
-    step = jax.jit(lambda i, prev, cache: apply(i, prev, word_kv, mask, cache,
+    step = jax.jit(lambda i, prev, cache: apply(i, prev, word_kv, prefix, cache,
                                                 method=layout_lib.LayoutModel.decode_cell))
     for i in range(n):
         cell_logits, cache = step(i, layout[:, i - 1] if i else jnp.full((3,), -1), cache)
         np.testing.assert_allclose(cell_logits, logits[:, i], atol=1e-4, err_msg=str(i))
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
-    drawn = layout_lib.sample(model, params, words, mask, keys)
-    alone = layout_lib.sample(model, params, words[1:2], mask[1:2], keys[1:2])
+
+    def sample(w, m, k, v=vec, temperature=1.0):
+        return layout_lib.sample(model, params, w, m, k, temperature, vector=v)
+    drawn = sample(words, mask, keys)
+    alone = sample(words[1:2], mask[1:2], keys[1:2], None if vec is None else vec[1:2])
     np.testing.assert_array_equal(drawn[1:2], alone)
-    assert not np.array_equal(drawn, layout_lib.sample(model, params, words, mask, keys[::-1]))
+    assert not np.array_equal(drawn, sample(words, mask, keys[::-1]))
     # Temperature 0: each cell the likeliest given the cells drawn before it.
-    greedy = layout_lib.sample(model, params, words, mask, keys, temperature=0.0)
-    np.testing.assert_array_equal(
-        greedy, np.argmax(model.apply({"params": params}, words, mask, greedy), -1))
+    greedy = sample(words, mask, keys, temperature=0.0)
+    np.testing.assert_array_equal(greedy, np.argmax(forward(words, mask, greedy), -1))
 
 
-def test_layout_training_learns_a_batch():
+@pytest.mark.parametrize("vector", [False, True])
+def test_layout_training_learns_a_batch(vector):
     """The layout task's gradient lowers its loss on a fixed batch of real pictures (targets
-    read inside the step, words from the frozen CLIP's token embeddings)."""
+    read inside the step, words from the frozen CLIP's token embeddings; with `vector`, also
+    the pictures' image vectors, the caption dropped for some)."""
     config = small_config(refine=True, layout=True)
+    if vector:
+        config = config_lib.apply_overrides(
+            config, ["layout.model.vector=True", "layout.model.text_drop_prob=0.25"])
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     task = LayoutTask(config.layout, clip_params, config.clip)
     params = task.init_params(jax.random.PRNGKey(1))
@@ -132,14 +150,14 @@ def test_layout_training_learns_a_batch():
     opt = tx.init(params)
 
     @jax.jit
-    def step(params, opt):
-        grads, metrics = task.grad_fn(params, batch, None, task.frozen, 0)
+    def step(params, opt, rng):
+        grads, metrics = task.grad_fn(params, batch, rng, task.frozen, 0)
         updates, opt = tx.update(grads, opt)
         return optax.apply_updates(params, updates), opt, metrics["loss"]
 
     losses = []
-    for _ in range(40):
-        params, opt, loss = step(params, opt)
+    for i in range(40):
+        params, opt, loss = step(params, opt, jax.random.PRNGKey(i))
         losses.append(float(loss))
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
@@ -226,6 +244,39 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
         Pipeline.load(path)
 
 
+@pytest.mark.parametrize("text_drop", [0.0, 0.2])
+def test_a_layout_drawn_from_the_image_vector(tmp_path, text_drop):
+    """A layout model that reads the image vector draws every prompt's layout (a one-object
+    prompt's too) given the vector the decoder draws from, per key as before; trained with
+    its caption sometimes dropped, it draws one for variations too (else they go without)."""
+    config = config_lib.apply_overrides(small_config(refine=True, layout=True), [
+        "layout.model.vector=True", f"layout.model.text_drop_prob={text_drop}"])
+    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
+    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
+        jax.random.PRNGKey(1))
+    refine = config_lib.stage_config(config, "refine")
+    gan = GANTask(refine, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
+    layout_task = LayoutTask(config.layout, clip_params, config.clip)
+    prompts = ["a large green square", "a red circle to the left of a blue star"]
+    source = shapes.examples(range(1), "eval", 0, 16)[0]
+    pictures, variations = [], []
+    for seed in (3, 4):
+        path = str(tmp_path / f"m{seed}.npz")
+        stages.export(path, config, clip_params, prior, gan["generator"],
+                      layout_params=layout_task.init_params(jax.random.PRNGKey(seed)))
+        pipe = Pipeline.load(path, batch_size=3)
+        out = pipe.generate(prompts, num_per_prompt=2, seed=7)
+        np.testing.assert_array_equal(pipe.generate(prompts[:1], num_per_prompt=2, seed=7),
+                                      out[:2])
+        pictures.append(out)
+        variations.append(pipe.variations(source, num=2, seed=0))
+    assert np.abs(pictures[0][:2].astype(int) - pictures[1][:2]).max() > 2
+    if text_drop:
+        assert np.abs(variations[0].astype(int) - variations[1]).max() > 2
+    else:
+        np.testing.assert_array_equal(variations[0], variations[1])
+
+
 def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():
     config = small_config(refine=True, layout=True)
     with config.unlocked():
@@ -244,6 +295,9 @@ def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():
         config_lib.validate(config_lib.apply_overrides(config, grown))
     with pytest.raises(ValueError, match="captioned shapes"):
         LayoutTask(config_lib.apply_overrides(config, ["layout.data.name=folder"]).layout,
+                   None, config.clip)
+    with pytest.raises(ValueError, match="text_drop_prob needs model.vector"):
+        LayoutTask(config_lib.apply_overrides(config, ["layout.model.text_drop_prob=0.2"]).layout,
                    None, config.clip)
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.data import shapes
+from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import layers
 
 RES = 8  # cells per side
@@ -136,6 +137,18 @@ class LayoutConfig:
     layers: int = 3
     num_heads: int = 4
     res: int = RES
+    # > 0: the layout is also drawn given a CLIP image vector of this width (read as one more
+    # word before the caption's), so that it agrees with the picture the decoder draws from
+    # that vector (the prior's sample in the pipeline).
+    vector_dim: int = 0
+
+
+def prefix_mask(config: LayoutConfig, word_mask):
+    """The mask of what the cells read before them: the image vector (where the model reads
+    one, always there) and the caption's words."""
+    if not config.vector_dim:
+        return word_mask
+    return jnp.concatenate([jnp.ones((word_mask.shape[0], 1), bool), word_mask], 1)
 
 
 class SelfAttention(nn.Module):
@@ -163,7 +176,9 @@ class SelfAttention(nn.Module):
 
 class LayoutModel(nn.Module):
     """(CLIP token embeddings [B, L, T], mask [B, L], layout [B, N]) -> logits [B, N, classes]
-    for each cell given the caption and the cells before it (N = res * res, raster order).
+    for each cell given the caption and the cells before it (N = res * res, raster order);
+    with `vector_dim`, also given a CLIP image vector [B, vector_dim] (normalised here), read
+    as one more word before the caption's.
 
     The words attend to each other both ways (a caption is read whole), the cells to every word
     and to the cells before them (pre-LN Transformer blocks, learned positions). A cell is read
@@ -181,10 +196,13 @@ class LayoutModel(nn.Module):
     def setup(self):
         c = self.config
         self.embed_words = nn.Dense(c.width)
+        if c.vector_dim:
+            self.embed_vector = nn.Dense(c.width)
         self.embed_colours = nn.Embed(NUM_COLOURS + 1, c.width)  # + the start token's
         self.embed_shapes = nn.Embed(NUM_SHAPES + 1, c.width)
         self.positions = self.param("positions", nn.initializers.normal(0.02),
-                                    (c.context_length + c.res * c.res, c.width))
+                                    (bool(c.vector_dim) + c.context_length + c.res * c.res,
+                                     c.width))
         for i in range(c.layers):
             setattr(self, f"block{i}_ln_1", nn.LayerNorm())
             setattr(self, f"block{i}_attn", SelfAttention(c.width, c.num_heads))
@@ -194,6 +212,17 @@ class LayoutModel(nn.Module):
         self.ln_final = nn.LayerNorm()
         self.head_colour = nn.Dense(NUM_COLOURS)
         self.head_shape = nn.Dense(NUM_SHAPES)
+
+    def _prefix(self, words, word_mask, vector):
+        """(embeddings [B, P, width] with their positions, mask [B, P]) of what the cells read
+        before them (`prefix_mask`)."""
+        h = self.embed_words(words)
+        if self.config.vector_dim:
+            if vector is None:
+                raise ValueError("this layout model reads an image vector: pass `vector`")
+            v = self.embed_vector(clip_lib.l2_normalize(vector.astype(jnp.float32)))
+            h = jnp.concatenate([v[:, None].astype(h.dtype), h], 1)
+        return h + self.positions[:h.shape[1]], prefix_mask(self.config, word_mask)
 
     def _block(self, i, h, mask, extend=lambda k, v: (k, v)):
         """Block i on h. Its attention reads the keys and values `extend` makes of h's own (by
@@ -218,12 +247,13 @@ class LayoutModel(nn.Module):
         return (self.head_colour(h)[..., CLASS_COLOUR]
                 + self.head_shape(h)[..., CLASS_SHAPE])
 
-    def __call__(self, words, word_mask, layout):
-        length, n = words.shape[1], layout.shape[1]
+    def __call__(self, words, word_mask, layout, vector=None):
+        n = layout.shape[1]
         previous = jnp.concatenate([jnp.full((layout.shape[0], 1), -1, layout.dtype),
                                     layout[:, :-1]], 1)  # each cell sees those before it
-        h = jnp.concatenate([self.embed_words(words), self._cells(previous)], 1)
-        h = h + self.positions[:length + n]
+        h, word_mask = self._prefix(words, word_mask, vector)
+        length = h.shape[1]
+        h = jnp.concatenate([h, self._cells(previous) + self.positions[length:length + n]], 1)
         causal = jnp.tril(jnp.ones((length + n, length + n), bool)).at[:length, :length].set(True)
         keep = jnp.concatenate([word_mask, jnp.ones(layout.shape, bool)], 1)
         mask = causal[None, None] & keep[:, None, None, :]
@@ -231,9 +261,10 @@ class LayoutModel(nn.Module):
             h, _ = self._block(i, h, mask)
         return self._logits(h[:, length:])
 
-    def encode_words(self, words, word_mask):
-        """Each block's (keys, values) of the words [B, L, heads, head width]."""
-        h = self.embed_words(words) + self.positions[:words.shape[1]]
+    def encode_words(self, words, word_mask, vector=None):
+        """Each block's (keys, values) of the words (after the image vector where the model
+        reads one) [B, P, heads, head width]."""
+        h, word_mask = self._prefix(words, word_mask, vector)
         kv = []
         for i in range(self.config.layers):
             h, keys = self._block(i, h, word_mask[:, None, None, :])
@@ -243,7 +274,8 @@ class LayoutModel(nn.Module):
     def decode_cell(self, i, previous, word_kv, word_mask, cache):
         """Cell i's logits [B, classes] from its predecessor's class [B] (-1 for cell 0), the
         words' (keys, values) and `cache`, each block's (keys, values) [B, N, heads, head
-        width] of the cells so far (cell i's are written at row i); returns (logits, cache)."""
+        width] of the cells so far (cell i's are written at row i); returns (logits, cache).
+        `word_mask` is `prefix_mask`'s, the image vector's included."""
         length, n = word_mask.shape[1], cache[0][0].shape[1]
         h = self._cells(previous)[:, None] + jax.lax.dynamic_slice_in_dim(
             self.positions, length + i, 1)[None]
@@ -260,21 +292,23 @@ class LayoutModel(nn.Module):
         return self._logits(h[:, 0]), new_cache
 
 
-def loss(model, params, words, word_mask, layout):
+def loss(model, params, words, word_mask, layout, vector=None):
     """Mean cross-entropy of each cell's class given the cells before it (teacher forcing)."""
-    logits = model.apply({"params": params}, words, word_mask, layout)
+    logits = model.apply({"params": params}, words, word_mask, layout, vector)
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, layout[..., None], -1))
 
 
-def sample(model, params, words, word_mask, keys, temperature: float = 1.0):
+def sample(model, params, words, word_mask, keys, temperature: float = 1.0, vector=None):
     """int32 [B, res * res] layouts, one cell at a time; row b's cells drawn from keys[b] alone
     (folded with the cell's index), so a layout does not depend on its batch. `temperature`
-    (a Python number) divides the logits; 0 takes each cell's likeliest class."""
+    (a Python number) divides the logits; 0 takes each cell's likeliest class. `vector`: the
+    image vectors [B, D] a model with `vector_dim` reads."""
     c = model.config
     n, b = c.res * c.res, words.shape[0]
     apply = functools.partial(model.apply, {"params": params})
-    word_kv = apply(words, word_mask, method=LayoutModel.encode_words)
+    word_kv = apply(words, word_mask, vector, method=LayoutModel.encode_words)
+    word_mask = prefix_mask(c, word_mask)
     empty = jnp.zeros((b, n, c.num_heads, c.width // c.num_heads), words.dtype)
     cache = [(empty, empty) for _ in range(c.layers)]
 
