@@ -173,6 +173,9 @@ SAMPLING_FLAGS = (
      "1 = full diversity, lower stays nearer each prompt's typical picture)"),
     ("layout_temperature", float, "GAN with a layout stage: its sampling temperature "
      "(default 1; 0 = each cell's likeliest class)"),
+    ("layout_guidance", float, "GAN whose layout model reads the image vector and was trained "
+     "with its caption sometimes dropped: classifier-free guidance on the caption (default 1 = "
+     "none)"),
     ("steps", int, "unCLIP: decoder DDIM steps (default 50)"),
     ("guidance_scale", float, "unCLIP: decoder classifier-free guidance (default 3; 1 = none)"),
     ("eta", float, "unCLIP: DDIM eta, 0 deterministic, 1 ancestral (default 1)"),

@@ -59,10 +59,11 @@ from dalle_jax.train import layout as layout_family
 # / held-out pairs) so, 75.6 / 78.1% at 25 steps and two candidates (71.0 / 71.2% at 5 steps
 # and two), and the pipeline drew about 5x the pictures per second (benchmarks/RESULTS.md,
 # session 26). A model with a layout stage also takes `layout_temperature` (0: each cell's
-# likeliest class).
+# likeliest class), and one whose layout model was trained with its caption sometimes dropped
+# `layout_guidance` (classifier-free guidance on the caption; 1: none).
 OPTIONS = {
     "gan": {"truncation": 1.0, "prior_temperature": 0.5, "prior_steps": 10,
-            "prior_guidance_scale": 1.0, "layout_temperature": 1.0},
+            "prior_guidance_scale": 1.0, "layout_temperature": 1.0, "layout_guidance": 1.0},
     "unclip": {"steps": 50, "guidance_scale": 3.0, "eta": 1.0, "prior_steps": 25,
                "prior_guidance_scale": 1.0},
 }
@@ -178,12 +179,17 @@ class GANGenerator:
                 self.layout_model.config.vector_dim
                 and configs["layout"]["model"].get("text_drop_prob"))
             self.option_names += ("layout_temperature",)
+            if self.layout_from_vector_alone:
+                self.option_names += ("layout_guidance",)
 
     @staticmethod
     def check(options: dict):
         for key in ("truncation", "prior_temperature", "layout_temperature"):
             if key in options and not 0.0 <= options[key] <= 2.0:
                 raise ValueError(f"{key} must be between 0 and 2, not {options[key]}")
+        if "layout_guidance" in options and not 0.0 <= options["layout_guidance"] <= 20.0:
+            raise ValueError(f"layout_guidance must be between 0 and 20, not "
+                             f"{options['layout_guidance']}")
         _check_diffusion_prior(options)
 
     def sample_prior(self, p, text_embed, features, mask, keys, options):
@@ -218,7 +224,8 @@ class GANGenerator:
         words, mask = layout_family.words_of(p["clip"], tokens)
         if self.layout_model.config.vector_dim:
             return layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
-                                     options["layout_temperature"], vector=embed)
+                                     options["layout_temperature"], vector=embed,
+                                     guidance=options.get("layout_guidance", 1.0))
         several = layout_lib.named_objects(tokens)[0].sum(-1) >= 2
 
         def draw(_):
@@ -543,10 +550,11 @@ class Pipeline:
                 features = jnp.zeros((b, length, self.clip.config.text_width), jnp.float32)
                 mask = jnp.zeros((b, length), bool)  # no caption: the decoder sees none
                 layout = None
-                if gen.layout_from_vector_alone:  # keyed as a prompt's (below)
-                    layout = gen.sample_layout(
+                if gen.layout_from_vector_alone:  # keyed as a prompt's (below); no caption
+                    layout = gen.sample_layout(  # to guide by
                         p, jnp.zeros((b, length), jnp.int32),
-                        jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys), options, embed)
+                        jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys),
+                        {**options, "layout_guidance": 1.0}, embed)
                 return _to_uint8(gen.decode(p, embed, features, mask, decoder_keys, options,
                                             layout))
         else:

@@ -129,6 +129,13 @@ def test_layout_model_is_causal_and_sampling_is_per_key(vector):
     # Temperature 0: each cell the likeliest given the cells drawn before it.
     greedy = sample(words, mask, keys, temperature=0.0)
     np.testing.assert_array_equal(greedy, np.argmax(forward(words, mask, greedy), -1))
+    if vector:  # guided: the captionless logits plus 3x the caption's difference to them
+        guided = layout_lib.sample(model, params, words, mask, keys, 0.0, vector=vec,
+                                   guidance=3.0)
+        without = forward(words, jnp.zeros_like(mask), guided)
+        np.testing.assert_array_equal(guided, np.argmax(
+            without + 3.0 * (forward(words, mask, guided) - without), -1))
+        assert not np.array_equal(guided, greedy)
 
 
 @pytest.mark.parametrize("vector", [False, True])
@@ -271,10 +278,13 @@ def test_a_layout_drawn_from_the_image_vector(tmp_path, text_drop):
         pictures.append(out)
         variations.append(pipe.variations(source, num=2, seed=0))
     assert np.abs(pictures[0][:2].astype(int) - pictures[1][:2]).max() > 2
-    if text_drop:
+    if text_drop:  # and the caption can guide the layout
         assert np.abs(variations[0].astype(int) - variations[1]).max() > 2
+        guided = pipe.generate(prompts[1:], num_per_prompt=2, seed=7, layout_guidance=3.0)
+        assert np.abs(guided.astype(int) - out[2:]).max() > 2
     else:
         np.testing.assert_array_equal(variations[0], variations[1])
+        assert "layout_guidance" not in pipe.options()
 
 
 def test_a_layout_stage_and_a_decoder_that_reads_it_come_together():

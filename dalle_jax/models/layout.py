@@ -299,24 +299,41 @@ def loss(model, params, words, word_mask, layout, vector=None):
     return -jnp.mean(jnp.take_along_axis(logp, layout[..., None], -1))
 
 
-def sample(model, params, words, word_mask, keys, temperature: float = 1.0, vector=None):
+def sample(model, params, words, word_mask, keys, temperature: float = 1.0, vector=None,
+           guidance: float = 1.0):
     """int32 [B, res * res] layouts, one cell at a time; row b's cells drawn from keys[b] alone
     (folded with the cell's index), so a layout does not depend on its batch. `temperature`
     (a Python number) divides the logits; 0 takes each cell's likeliest class. `vector`: the
-    image vectors [B, D] a model with `vector_dim` reads."""
+    image vectors [B, D] a model with `vector_dim` reads.
+
+    `guidance` (a Python number; 1: none) is classifier-free guidance on the caption, for a
+    model trained with it sometimes dropped (`text_drop_prob`): each cell's logits are the
+    captionless ones plus `guidance` times the caption's difference to them (Ho and Salimans
+    2022; for autoregressive token models as in Make-A-Scene, Gafni et al. 2022), so that the
+    caption's relation outweighs where the image vector alone would put the objects."""
     c = model.config
     n, b = c.res * c.res, words.shape[0]
+    guided = guidance != 1.0
+    if guided:  # the captionless rows after the caption's, one batch through the model
+        words = jnp.concatenate([words, words])
+        word_mask = jnp.concatenate([word_mask, jnp.zeros_like(word_mask)])
+        vector = None if vector is None else jnp.concatenate([vector, vector])
     apply = functools.partial(model.apply, {"params": params})
     word_kv = apply(words, word_mask, vector, method=LayoutModel.encode_words)
     word_mask = prefix_mask(c, word_mask)
-    empty = jnp.zeros((b, n, c.num_heads, c.width // c.num_heads), words.dtype)
+    empty = jnp.zeros((words.shape[0], n, c.num_heads, c.width // c.num_heads), words.dtype)
     cache = [(empty, empty) for _ in range(c.layers)]
 
     def cell(i, carry):
         layout, cache = carry
         previous = jnp.where(i == 0, -1, layout[:, jnp.maximum(i - 1, 0)])
+        if guided:
+            previous = jnp.concatenate([previous, previous])
         logits, cache = apply(i, previous, word_kv, word_mask, cache,
                               method=LayoutModel.decode_cell)
+        if guided:
+            with_caption, without = logits[:b], logits[b:]
+            logits = without + guidance * (with_caption - without)
         if temperature == 0:
             draw = jnp.argmax(logits, -1)
         else:
