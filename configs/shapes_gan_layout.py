@@ -13,6 +13,18 @@ batches where two-object scenes come three times as often as well. Session 33
 drawing two-object scenes right only 6-7% of the time from their real layouts, and the
 pipeline's one-object prompts fell to 77 / 64% (seen / held-out pairs) from the shipped
 model's 91 / 83%, so this is not the shipped model's config.
+
+The best recipe measured since (sessions 34-35) trains the decoder with the map from its first
+step and draws each map given the prior's image vector as well as the caption:
+
+    python train.py --config configs/shapes_gan_layout.py --workdir runs/shapes_layout \
+        decoder.model.layout=True decoder.model.layout_drop_prob=0.3 \
+        decoder.model.layout_modulate=True "decoder.data.oversample=two objects:2" \
+        refine.model.layout_lr_mul=1.0 layout.model.vector=True layout.model.text_drop_prob=0.2
+
+Before its refine stage, on 1,000 eval captions (`python -m dalle_jax.evaluate`, with
+`--layout-guidance 1.5`): one object 79.8 / 77.1%, two objects 23.0% (from ~1%), variations
+74%, colour edits 68% at amount 0.5 (benchmarks/RESULTS.md, session 35).
 """
 
 from dalle_jax import config as config_lib

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import images as images_lib
@@ -121,7 +122,7 @@ def layout_report(model, params, clip_params, data_config, num_examples: int,
             right.append(present == {layout_lib.object_class(o.colour, o.shape)})
         report["layout/one_object_class"] = float(np.mean(right))
     if model.config.vector_dim:
-        real = np.asarray(layout_lib.targets(jax.numpy.asarray(x), tokens, model.config.res))
+        real = np.asarray(layout_lib.targets(jnp.asarray(x), tokens, model.config.res))
         report["layout/cell_agreement"] = float(np.mean(drawn == real))
     return report
 
