@@ -22,9 +22,11 @@ step and draws each map given the prior's image vector as well as the caption:
         decoder.model.layout_modulate=True "decoder.data.oversample=two objects:2" \
         refine.model.layout_lr_mul=1.0 layout.model.vector=True layout.model.text_drop_prob=0.2
 
-Before its refine stage, on 1,000 eval captions (`python -m dalle_jax.evaluate`, with
-`--layout-guidance 1.5`): one object 79.8 / 77.1%, two objects 23.0% (from ~1%), variations
-74%, colour edits 68% at amount 0.5 (benchmarks/RESULTS.md, session 35).
+On 1,000 eval captions (`python -m dalle_jax.evaluate --layout-guidance 1.5`): one object
+85.7 / 78.9%, two objects 35.9% (the shipped model: 90.6 / 82.8%, ~1%), variations 76%, colour
+edits 71% at amount 0.5 (benchmarks/RESULTS.md, session 35). Its decoder alone took ~2.7
+hours on a 2-core AMD EPYC (7,000 steps at ~1.4 s each), the layout stage ~40 minutes and the
+refine ~30 more, so it is well past the shipped config's time.
 """
 
 from dalle_jax import config as config_lib
