@@ -15,12 +15,13 @@ pipeline's one-object prompts fell to 77 / 64% (seen / held-out pairs) from the 
 model's 91 / 83%, so this is not the shipped model's config.
 
 The best recipe measured since (sessions 34-35) trains the decoder with the map from its first
-step and draws each map given the prior's image vector as well as the caption:
+step and draws each map given the prior's image vector as well as the caption; these
+overrides on the command line after `--workdir DIR` (measured with session 26's CLIP and prior
+imported through `clip.import_from` and `prior.import_from`):
 
-    python train.py --config configs/shapes_gan_layout.py --workdir runs/shapes_layout \
-        decoder.model.layout=True decoder.model.layout_drop_prob=0.3 \
-        decoder.model.layout_modulate=True "decoder.data.oversample=two objects:2" \
-        refine.model.layout_lr_mul=1.0 layout.model.vector=True layout.model.text_drop_prob=0.2
+    decoder.model.layout=True decoder.model.layout_drop_prob=0.3
+    decoder.model.layout_modulate=True "decoder.data.oversample=two objects:2"
+    refine.model.layout_lr_mul=1.0 layout.model.vector=True layout.model.text_drop_prob=0.2
 
 On 1,000 eval captions (`python -m dalle_jax.evaluate --layout-guidance 1.5`): one object
 85.7 / 78.9%, two objects 35.9% (the shipped model: 90.6 / 82.8%, ~1%), variations 76%, colour
