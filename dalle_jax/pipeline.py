@@ -221,14 +221,15 @@ class GANGenerator:
         benchmarks/RESULTS.md, session 33)."""
         if self.layout_model is None:
             return None
-        words, mask = layout_family.words_of(p["clip"], tokens)
         if self.layout_model.config.vector_dim:
+            words, mask = layout_family.words_of(p["clip"], tokens)
             return layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
                                      options["layout_temperature"], vector=embed,
                                      guidance=options.get("layout_guidance", 1.0))
         several = layout_lib.named_objects(tokens)[0].sum(-1) >= 2
 
         def draw(_):
+            words, mask = layout_family.words_of(p["clip"], tokens)
             layout = layout_lib.sample(self.layout_model, p["layout"], words, mask, keys,
                                        options["layout_temperature"])
             return jnp.where(several[:, None], layout, -1)

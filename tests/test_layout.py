@@ -207,24 +207,33 @@ def test_a_generator_reads_the_layout_and_none_is_no_layout(modulate):
                                plain.apply({"params": initial}, z, cond, rng), atol=1e-6)
 
 
-def test_a_pipeline_with_a_layout_stage(tmp_path):
-    """A model file with a layout stage: prompts that name two objects are drawn through a
-    sampled layout (a file whose layout model differs draws other pictures from the same
-    seed), others without one, per key as before;
-    variations decode without one; a decoder that reads layouts needs the layout model."""
-    config = small_config(refine=True, layout=True)
+def _model_files(tmp_path, config, seeds=(3, 4)):
+    """Randomly initialised model files of `config` that differ only in their layout model
+    (one per seed): ((CLIP, prior, generator parameters), paths)."""
     clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
     prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
         jax.random.PRNGKey(1))
     refine = config_lib.stage_config(config, "refine")
     gan = GANTask(refine, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
     layout_task = LayoutTask(config.layout, clip_params, config.clip)
+    parts, paths = (clip_params, prior, gan["generator"]), []
+    for seed in seeds:
+        paths.append(str(tmp_path / f"m{seed}.npz"))
+        stages.export(paths[-1], config, *parts,
+                      layout_params=layout_task.init_params(jax.random.PRNGKey(seed)))
+    return parts, paths
+
+
+def test_a_pipeline_with_a_layout_stage(tmp_path):
+    """A model file with a layout stage: prompts that name two objects are drawn through a
+    sampled layout (a file whose layout model differs draws other pictures from the same
+    seed), others without one, per key as before;
+    variations decode without one; a decoder that reads layouts needs the layout model."""
+    config = small_config(refine=True, layout=True)
     prompts = ["a red circle to the left of a blue star", "a large green square"]
     pictures = []
-    for seed in (3, 4):
-        path = str(tmp_path / f"m{seed}.npz")
-        stages.export(path, config, clip_params, prior, gan["generator"],
-                      layout_params=layout_task.init_params(jax.random.PRNGKey(seed)))
+    parts, paths = _model_files(tmp_path, config)
+    for path in paths:
         pipe = Pipeline.load(path, batch_size=3)
         out = pipe.generate(prompts, num_per_prompt=2, seed=7)
         assert out.shape == (4, 16, 16, 3) and out.dtype == np.uint8
@@ -246,7 +255,7 @@ def test_a_pipeline_with_a_layout_stage(tmp_path):
     with pytest.raises(ValueError, match="layout_temperature must be between 0 and 2"):
         pipe.generate(prompts, layout_temperature=3.0)
     path = str(tmp_path / "no_layout.npz")
-    stages.export(path, config, clip_params, prior, gan["generator"])
+    stages.export(path, config, *parts)
     with pytest.raises(bundle.BundleError, match="holds no layout model"):
         Pipeline.load(path)
 
@@ -258,19 +267,10 @@ def test_a_layout_drawn_from_the_image_vector(tmp_path, text_drop):
     its caption sometimes dropped, it draws one for variations too (else they go without)."""
     config = config_lib.apply_overrides(small_config(refine=True, layout=True), [
         "layout.model.vector=True", f"layout.model.text_drop_prob={text_drop}"])
-    clip_params = CLIPTask(config.clip).init_params(jax.random.PRNGKey(0))
-    prior = stages.build_task(config.prior, clip_params, config.clip).init_params(
-        jax.random.PRNGKey(1))
-    refine = config_lib.stage_config(config, "refine")
-    gan = GANTask(refine, clip_params, config.clip).init_params(jax.random.PRNGKey(2))
-    layout_task = LayoutTask(config.layout, clip_params, config.clip)
     prompts = ["a large green square", "a red circle to the left of a blue star"]
     source = shapes.examples(range(1), "eval", 0, 16)[0]
     pictures, variations = [], []
-    for seed in (3, 4):
-        path = str(tmp_path / f"m{seed}.npz")
-        stages.export(path, config, clip_params, prior, gan["generator"],
-                      layout_params=layout_task.init_params(jax.random.PRNGKey(seed)))
+    for path in _model_files(tmp_path, config)[1]:
         pipe = Pipeline.load(path, batch_size=3)
         variations.append(pipe.variations(source, num=2, seed=0))
         if text_drop:  # (the prompts' path is the same for both)
